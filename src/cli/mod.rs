@@ -1,0 +1,279 @@
+//! The command line (composition root): parse, call into the library, map errors to
+//! exit codes (docs/exit-codes.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::daemon::{self, Failure, MountRequest, exit};
+use crate::kms::{ProviderSpec, create_key_file};
+use crate::volume::{self, VolumeConfig};
+
+/// earfs: encryption at rest for database nodes (AES-256-XTS over FUSE, keys wrapped by your KMS).
+#[derive(Debug, Parser)]
+#[command(name = "earfs", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Key providers.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Kms {
+    /// A root-only key file on this machine (development, tests, quick start).
+    Local,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a volume in BACKING (an empty or new directory).
+    Init {
+        /// Key provider that wraps the volume's data key.
+        #[arg(long, value_enum)]
+        kms: Kms,
+        /// Local key file (--kms local); created with mode 0600 if absent.
+        #[arg(long, required_if_eq("kms", "local"))]
+        key_file: Option<PathBuf>,
+        /// Backing directory that will hold the encrypted files.
+        backing: PathBuf,
+    },
+    /// Mount the volume in BACKING at MOUNTPOINT; returns once the mount serves.
+    Mount {
+        /// Stay in the foreground (for systemd and debugging); logs go to stderr.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Let other users (e.g. the database user) use the mount; the kernel checks permissions.
+        #[arg(long)]
+        allow_other: bool,
+        /// FUSE request threads.
+        #[arg(long, default_value_t = default_threads())]
+        threads: usize,
+        /// Let the kernel cache writes (FUSE writeback cache); off by default.
+        #[arg(long)]
+        writeback_cache: bool,
+        /// Mount options, comma-separated (ro, noatime, nosuid, noexec, …), like mount -o.
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
+        /// Log file of the background daemon (appended). Without it a background daemon's log is discarded.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        backing: PathBuf,
+        mountpoint: PathBuf,
+    },
+    /// Unmount an earfs mount and wait for its daemon to let go of the volume.
+    Umount { mountpoint: PathBuf },
+    /// Show a volume: id, cipher, sector size, key provider, key versions, AES kernel.
+    Info {
+        #[arg(long)]
+        json: bool,
+        backing: PathBuf,
+    },
+    /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
+    Speed {
+        #[arg(long)]
+        json: bool,
+        /// Seconds per direction.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Init {
+            kms,
+            key_file,
+            backing,
+        } => init(kms, key_file, backing),
+        Command::Mount {
+            foreground,
+            allow_other,
+            threads,
+            writeback_cache,
+            options,
+            log_file,
+            backing,
+            mountpoint,
+        } => {
+            let options: Vec<String> = options.into_iter().filter(|o| !o.is_empty()).collect();
+            if threads == 0 || threads > 256 {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "--threads must be between 1 and 256",
+                ));
+            }
+            if options.iter().any(|o| o == "allow_other") {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "use --allow-other instead of -o allow_other",
+                ));
+            }
+            let req = MountRequest {
+                backing,
+                mountpoint,
+                allow_other,
+                threads,
+                writeback_cache,
+                options,
+            };
+            if foreground {
+                daemon::serve(&req)
+            } else {
+                daemon::spawn_background(log_file.as_deref())
+            }
+        }
+        Command::Umount { mountpoint } => umount(mountpoint),
+        Command::Info { json, backing } => info(json, backing),
+        Command::Speed { json, seconds } => speed(json, seconds),
+    }
+}
+
+fn init(kms: Kms, key_file: Option<PathBuf>, backing: PathBuf) -> Result<(), Failure> {
+    let spec = match kms {
+        Kms::Local => {
+            let key_file = key_file
+                .ok_or_else(|| Failure::new(exit::USAGE, "--kms local needs --key-file"))?;
+            let key_file = if key_file.is_absolute() {
+                key_file
+            } else {
+                std::env::current_dir()
+                    .map(|d| d.join(&key_file))
+                    .unwrap_or(key_file)
+            };
+            if !key_file.exists() {
+                create_key_file(&key_file)?;
+                eprintln!(
+                    "created key file {} (mode 0600): keep it safe, without it the data is lost",
+                    key_file.display()
+                );
+            }
+            ProviderSpec::Local { key_file }
+        }
+    };
+    let provider = spec.open()?;
+    let cfg = volume::create(&backing, spec, provider.as_ref())?;
+    println!(
+        "created earfs volume {} in {}",
+        cfg.volume_id,
+        backing.display()
+    );
+    println!(
+        "key provider: {} ({})",
+        cfg.kms.name(),
+        cfg.kms.key_reference()
+    );
+    if matches!(cfg.kms, ProviderSpec::Local { .. }) {
+        println!(
+            "note: the local key provider keeps the key on this machine; use a KMS for production data"
+        );
+    }
+    Ok(())
+}
+
+fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
+    let mp = std::fs::canonicalize(&mountpoint).unwrap_or_else(|_| {
+        if mountpoint.is_absolute() {
+            mountpoint.clone()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(&mountpoint))
+                .unwrap_or(mountpoint.clone())
+        }
+    });
+    let Some(m) = daemon::find_mount(&mp)
+        .filter(|m| m.fstype.starts_with("fuse") && m.source.starts_with("earfs:"))
+    else {
+        return Err(Failure::new(
+            exit::NOT_MOUNTED,
+            format!("{} is not an earfs mount", mp.display()),
+        ));
+    };
+    daemon::unmount(&mp)?;
+    if let Some(backing) = m.source.strip_prefix("earfs:") {
+        if !daemon::wait_unlocked(std::path::Path::new(backing), Duration::from_secs(30)) {
+            return Err(Failure::new(
+                exit::FAILURE,
+                format!(
+                    "unmounted {}, but its daemon still holds {} after 30 s",
+                    mp.display(),
+                    backing
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn info(json: bool, backing: PathBuf) -> Result<(), Failure> {
+    let cfg = VolumeConfig::load(&backing)?;
+    let versions: Vec<u32> = cfg.keyring.keys.iter().map(|k| k.version).collect();
+    let aes = crate::crypto::implementation();
+    if json {
+        let v = serde_json::json!({
+            "backing": backing,
+            "volume_id": cfg.volume_id,
+            "format": cfg.format,
+            "cipher": cfg.cipher,
+            "sector_size": cfg.sector_size,
+            "kms": cfg.kms.name(),
+            "key": cfg.kms.key_reference(),
+            "keyring_id": cfg.keyring.id,
+            "key_versions": versions,
+            "current_key_version": cfg.keyring.current,
+            "aes_implementation": aes,
+        });
+        println!("{v:#}");
+    } else {
+        println!("volume:        {}", cfg.volume_id);
+        println!("backing:       {}", backing.display());
+        println!("format:        {}", cfg.format);
+        println!(
+            "cipher:        {} ({}-byte sectors)",
+            cfg.cipher, cfg.sector_size
+        );
+        println!(
+            "key provider:  {} ({})",
+            cfg.kms.name(),
+            cfg.kms.key_reference()
+        );
+        println!("keyring:       {}", cfg.keyring.id);
+        println!(
+            "key versions:  {:?} (current {})",
+            versions, cfg.keyring.current
+        );
+        println!("AES kernel:    {aes}");
+    }
+    Ok(())
+}
+
+fn speed(json: bool, seconds: f64) -> Result<(), Failure> {
+    if !(seconds > 0.0 && seconds <= 60.0) {
+        return Err(Failure::new(exit::USAGE, "--seconds must be in (0, 60]"));
+    }
+    let r = crate::crypto::speed::measure(Duration::from_secs_f64(seconds))
+        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        println!(
+            "# Tests are approximate, one core, {}-byte sectors ({}).",
+            r.sector_size, r.implementation
+        );
+        println!("#     Algorithm |       Key |      Encryption |      Decryption");
+        println!(
+            "        aes-xts        512b  {:>9.1} MiB/s  {:>9.1} MiB/s",
+            r.encrypt_bytes_per_sec / 1048576.0,
+            r.decrypt_bytes_per_sec / 1048576.0
+        );
+    }
+    Ok(())
+}

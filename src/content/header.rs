@@ -1,0 +1,150 @@
+//! The per-file header: one 4096-byte sector at backing offset 0.
+//!
+//! ```text
+//! 0..8    magic "EARFSHDR"
+//! 8..10   format version, u16 LE (1)
+//! 10..12  flags, u16 LE (0; any other value is refused)
+//! 12..16  key version, u32 LE
+//! 16..32  file nonce (16 random bytes)
+//! 32..64  HMAC-SHA256(header MAC key of that key version, bytes 0..32)
+//! 64..4096 zero (ignored on read)
+//! ```
+
+use crate::crypto::{self, Nonce, derive_file_key, hmac_sha256, verify_hmac_sha256};
+
+use super::codec::FileCipher;
+use super::keyring::Keyring;
+use super::layout::HEADER_LEN;
+
+/// Header magic.
+pub const MAGIC: [u8; 8] = *b"EARFSHDR";
+/// The only format this build reads and writes.
+pub const FORMAT_VERSION: u16 = 1;
+const MAC_OFF: usize = 32;
+const MAC_END: usize = 64;
+
+/// Why a header was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeaderError {
+    #[error("backing file is shorter than a header")]
+    Short,
+    #[error("not an earfs file header (bad magic)")]
+    BadMagic,
+    #[error("unsupported file format version {0}")]
+    UnsupportedVersion(u16),
+    #[error("unknown header flags {0:#x}")]
+    UnknownFlags(u16),
+    #[error("header names key version {0}, which the keyring does not hold")]
+    UnknownKeyVersion(u32),
+    #[error("header MAC does not verify (damaged header or foreign volume)")]
+    BadMac,
+    #[error("key derivation failed: {0}")]
+    Crypto(#[from] crypto::CryptoError),
+}
+
+/// Encode a header for `key_version` and `nonce` under `keys`.
+pub fn encode_header(
+    keys: &Keyring,
+    key_version: u32,
+    nonce: &Nonce,
+) -> Result<Box<[u8; HEADER_LEN as usize]>, HeaderError> {
+    let (_, mac_key) = keys
+        .get(key_version)
+        .ok_or(HeaderError::UnknownKeyVersion(key_version))?;
+    let mut h = Box::new([0u8; HEADER_LEN as usize]);
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[10..12].copy_from_slice(&0u16.to_le_bytes());
+    h[12..16].copy_from_slice(&key_version.to_le_bytes());
+    h[16..32].copy_from_slice(nonce);
+    let tag = hmac_sha256(mac_key, &[&h[..MAC_OFF]]);
+    h[MAC_OFF..MAC_END].copy_from_slice(&tag);
+    Ok(h)
+}
+
+/// A fresh header under the current key with a random nonce, and its cipher.
+pub fn new_header(
+    keys: &Keyring,
+) -> Result<(Box<[u8; HEADER_LEN as usize]>, FileCipher), HeaderError> {
+    let mut nonce = [0u8; 16];
+    crypto::random_bytes(&mut nonce)?;
+    let v = keys.current_version();
+    let h = encode_header(keys, v, &nonce)?;
+    let c = cipher_for(keys, v, &nonce)?;
+    Ok((h, c))
+}
+
+fn cipher_for(keys: &Keyring, v: u32, nonce: &Nonce) -> Result<FileCipher, HeaderError> {
+    let (dek, _) = keys.get(v).ok_or(HeaderError::UnknownKeyVersion(v))?;
+    Ok(FileCipher::new(v, &derive_file_key(dek, nonce)?))
+}
+
+/// Check a header read from disk and derive the file's cipher.
+pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError> {
+    if h.len() < MAC_END {
+        return Err(HeaderError::Short);
+    }
+    if h[0..8] != MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let version = u16::from_le_bytes([h[8], h[9]]);
+    if version != FORMAT_VERSION {
+        return Err(HeaderError::UnsupportedVersion(version));
+    }
+    let flags = u16::from_le_bytes([h[10], h[11]]);
+    if flags != 0 {
+        return Err(HeaderError::UnknownFlags(flags));
+    }
+    let kv = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let (_, mac_key) = keys.get(kv).ok_or(HeaderError::UnknownKeyVersion(kv))?;
+    if !verify_hmac_sha256(mac_key, &[&h[..MAC_OFF]], &h[MAC_OFF..MAC_END]) {
+        return Err(HeaderError::BadMac);
+    }
+    let mut nonce = [0u8; 16];
+    nonce.copy_from_slice(&h[16..32]);
+    cipher_for(keys, kv, &nonce)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Dek;
+
+    fn ring() -> Keyring {
+        Keyring::new(
+            [(1, Dek::generate().unwrap()), (2, Dek::generate().unwrap())],
+            2,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let k = ring();
+        let (h, c) = new_header(&k).unwrap();
+        assert_eq!(c.key_version(), 2);
+        let c2 = decode_header(&k, &h[..]).unwrap();
+        let mut a = vec![9u8; 4096];
+        let mut b = a.clone();
+        c.encrypt(crate::content::SectorNo(3), &mut a);
+        c2.encrypt(crate::content::SectorNo(3), &mut b);
+        assert_eq!(a, b);
+        for byte in 0..64 {
+            let mut bad = h.clone();
+            bad[byte] ^= 1;
+            assert!(
+                decode_header(&k, &bad[..]).is_err(),
+                "flip of byte {byte} accepted"
+            );
+        }
+        // Bytes past the MAC are ignored.
+        let mut ok = h.clone();
+        ok[100] = 1;
+        assert!(decode_header(&k, &ok[..]).is_ok());
+        assert_eq!(decode_header(&k, &h[..10]).unwrap_err(), HeaderError::Short);
+        assert_eq!(
+            decode_header(&ring(), &h[..]).unwrap_err(),
+            HeaderError::BadMac
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! Cryptographic primitives: the XTS sector cipher, key types and key derivation.
+//!
+//! Pure code: no I/O, no file descriptors. Key bytes live only in zeroize-on-drop
+//! types whose `Debug` output is redacted.
+
+mod keys;
+pub mod speed;
+pub mod xts;
+
+pub use keys::{
+    Dek, MacKey, Nonce, XtsKey, derive_config_mac_key, derive_file_key, derive_header_mac_key,
+    hmac_sha256, random_bytes, verify_hmac_sha256,
+};
+pub use xts::{SECTOR_SIZE, SectorCipher, implementation};
+
+/// Errors of the crypto layer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// HKDF produced an XTS key whose two halves are equal (IEEE 1619 forbids it).
+    #[error("derived XTS key halves are equal")]
+    WeakXtsKey,
+    /// The operating system's random source failed.
+    #[error("random source failed: {0}")]
+    Random(String),
+    /// A key had the wrong length.
+    #[error("key has {got} bytes, expected {want}")]
+    KeyLength { got: usize, want: usize },
+}

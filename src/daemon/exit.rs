@@ -1,0 +1,34 @@
+//! Exit codes of the `earfs` command (docs/exit-codes.md).
+
+/// Any other failure.
+pub const FAILURE: u8 = 1;
+/// Bad command line (clap's own code).
+pub const USAGE: u8 = 2;
+/// The backing directory is missing or is not an earfs volume.
+pub const NOT_A_VOLUME: u8 = 10;
+/// `earfs.conf` cannot be parsed or names something this build does not support.
+pub const BAD_CONFIG: u8 = 11;
+/// The key file does not exist.
+pub const KEY_MISSING: u8 = 12;
+/// The key file is readable or writable by group or others.
+pub const KEY_INSECURE: u8 = 13;
+/// The data key does not unwrap: wrong key (or the keyring in earfs.conf was altered).
+pub const WRONG_KEY: u8 = 14;
+/// `earfs.conf` does not authenticate: it was changed.
+pub const CONFIG_TAMPERED: u8 = 15;
+/// The mountpoint is not empty.
+pub const MOUNTPOINT_NOT_EMPTY: u8 = 16;
+/// The mountpoint already is a mount (live or dead).
+pub const ALREADY_MOUNTED: u8 = 17;
+/// The volume is mounted elsewhere (another daemon holds its lock).
+pub const VOLUME_IN_USE: u8 = 18;
+/// The mountpoint does not exist or is not a directory.
+pub const BAD_MOUNTPOINT: u8 = 19;
+/// The FUSE mount itself failed (no /dev/fuse, no permission, …).
+pub const FUSE_FAILED: u8 = 20;
+/// `earfs init` refused: already a volume, or a non-empty directory.
+pub const INIT_REFUSED: u8 = 21;
+/// `earfs umount`: the path is not an earfs mount.
+pub const NOT_MOUNTED: u8 = 22;
+/// `earfs umount`: the mount is busy.
+pub const BUSY: u8 = 23;

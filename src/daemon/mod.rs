@@ -1,0 +1,469 @@
+//! The daemon: startup order (volume → key → checks → mount → ready), the background
+//! launcher, signals and unmounting.
+
+pub mod exit;
+pub mod logging;
+mod mountinfo;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
+
+use crate::content::Keyring;
+use crate::fs::EarFs;
+use crate::fuse::{AdapterOptions, EarFuse, MountConfig};
+use crate::kms::KmsError;
+use crate::volume::{VolumeConfig, VolumeError};
+
+pub use mountinfo::{MountEntry, find_mount};
+
+/// A failure with the exit code it maps to and one line for the user.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<KmsError> for Failure {
+    fn from(e: KmsError) -> Self {
+        let code = match &e {
+            KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
+            KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
+            KmsError::WrongKey(_) => exit::WRONG_KEY,
+            KmsError::KeyFileInvalid { .. } | KmsError::KeyFileIo { .. } | KmsError::Crypto(_) => {
+                exit::FAILURE
+            }
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<VolumeError> for Failure {
+    fn from(e: VolumeError) -> Self {
+        let code = match &e {
+            VolumeError::NotAVolume(_) | VolumeError::NoBackingDir(_) => exit::NOT_A_VOLUME,
+            VolumeError::AlreadyAVolume(_) | VolumeError::NotEmpty(_) => exit::INIT_REFUSED,
+            VolumeError::BadConfig { .. } => exit::BAD_CONFIG,
+            VolumeError::ConfigMac(_) => exit::CONFIG_TAMPERED,
+            VolumeError::Kms(k) => return Failure::from_kms_ref(k, e.to_string()),
+            VolumeError::Io { .. } => exit::FAILURE,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl Failure {
+    fn from_kms_ref(k: &KmsError, message: String) -> Self {
+        let code = match k {
+            KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
+            KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
+            KmsError::WrongKey(_) => exit::WRONG_KEY,
+            _ => exit::FAILURE,
+        };
+        Failure::new(code, message)
+    }
+}
+
+/// What `earfs mount` was asked for.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub threads: usize,
+    pub writeback_cache: bool,
+    pub options: Vec<String>,
+}
+
+/// Environment variable naming the readiness pipe of a background daemon.
+pub const READY_FD_ENV: &str = "EARFS_READY_FD";
+
+fn abs(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// Start the daemon in the background: re-run this command in the foreground as a
+/// new session, and return once it reports that the mount serves (or why it failed).
+pub fn spawn_background(log_file: Option<&Path>) -> Result<(), Failure> {
+    let io = |what: &str, e: std::io::Error| Failure::new(exit::FAILURE, format!("{what}: {e}"));
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| io("cannot create a pipe", e.into()))?;
+    rustix::io::fcntl_setfd(&w, rustix::io::FdFlags::empty()).map_err(|e| io("fcntl", e.into()))?;
+    let exe = std::env::current_exe().map_err(|e| io("cannot find the earfs binary", e))?;
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let stderr = match log_file {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| io(&format!("cannot open log file {}", p.display()), e))?,
+        ),
+        None => Stdio::null(),
+    };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&w);
+    let mut child = Command::new(exe)
+        .args(args)
+        .env(READY_FD_ENV, raw.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| io("cannot start the daemon", e))?;
+    drop(w);
+    let mut msg = String::new();
+    let _ = File::from(r).read_to_string(&mut msg);
+    let line = msg.lines().next().unwrap_or("");
+    if line == "READY" {
+        return Ok(());
+    }
+    if let Some(rest) = line.strip_prefix("FAIL ") {
+        let (code, text) = rest.split_once('\t').unwrap_or(("1", rest));
+        let _ = child.wait();
+        return Err(Failure::new(code.parse().unwrap_or(exit::FAILURE), text));
+    }
+    let status = child.wait().map_err(|e| io("daemon", e))?;
+    Err(Failure::new(
+        exit::FAILURE,
+        format!(
+            "the earfs daemon exited ({status}) before the mount was ready; run with --foreground to see why"
+        ),
+    ))
+}
+
+/// Readiness reporting to a parent `earfs mount` (if any).
+struct Ready(Option<File>);
+
+impl Ready {
+    fn from_env() -> Ready {
+        let fd: Option<OwnedFd> = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .and_then(crate::sys::inherited_fd);
+        // The variable stays set (removing it needs `unsafe` in edition 2024); it is
+        // harmless: the daemon starts no child that reads it.
+        Ready(fd.map(File::from))
+    }
+    fn detached(&self) -> bool {
+        self.0.is_some()
+    }
+    fn ok(&mut self) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(b"READY\n");
+        }
+    }
+    fn fail(&mut self, f: &Failure) {
+        if let Some(mut p) = self.0.take() {
+            let _ = writeln!(p, "FAIL {}\t{}", f.code, f.message.replace('\n', " "));
+        }
+    }
+}
+
+/// Check the mountpoint: a directory, empty, not already a mount.
+pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
+    let meta = match std::fs::metadata(mp) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(Failure::new(
+                exit::ALREADY_MOUNTED,
+                format!(
+                    "{} holds a dead FUSE mount (its daemon is gone); clear it with `earfs umount {}`",
+                    mp.display(),
+                    mp.display()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Failure::new(
+                exit::BAD_MOUNTPOINT,
+                format!(
+                    "mountpoint {} does not exist; create it with `mkdir -p {}`",
+                    mp.display(),
+                    mp.display()
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                exit::BAD_MOUNTPOINT,
+                format!("mountpoint {}: {e}", mp.display()),
+            ));
+        }
+    };
+    if !meta.is_dir() {
+        return Err(Failure::new(
+            exit::BAD_MOUNTPOINT,
+            format!("mountpoint {} is not a directory", mp.display()),
+        ));
+    }
+    let canon = std::fs::canonicalize(mp).unwrap_or_else(|_| abs(mp));
+    if let Some(m) = find_mount(&canon) {
+        return Err(Failure::new(
+            exit::ALREADY_MOUNTED,
+            format!(
+                "{} is already a mount point ({} from {}); unmount it first",
+                canon.display(),
+                m.fstype,
+                m.source
+            ),
+        ));
+    }
+    let mut it = std::fs::read_dir(&canon).map_err(|e| {
+        Failure::new(
+            exit::BAD_MOUNTPOINT,
+            format!("mountpoint {}: {e}", canon.display()),
+        )
+    })?;
+    if it.next().is_some() {
+        return Err(Failure::new(
+            exit::MOUNTPOINT_NOT_EMPTY,
+            format!(
+                "mountpoint {} is not empty; earfs mounts only over an empty directory, so that nothing hides under the mount",
+                canon.display()
+            ),
+        ));
+    }
+    Ok(canon)
+}
+
+/// Take the volume's exclusive lock (flock on the backing directory).
+fn lock_volume(backing: &Path) -> Result<File, Failure> {
+    let dir = File::open(backing)
+        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
+    match rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(dir),
+        Err(Errno::WOULDBLOCK) => Err(Failure::new(
+            exit::VOLUME_IN_USE,
+            format!(
+                "volume {} is already mounted by another earfs daemon; a volume can be mounted only once",
+                backing.display()
+            ),
+        )),
+        Err(e) => Err(Failure::new(
+            exit::FAILURE,
+            format!("cannot lock {}: {e}", backing.display()),
+        )),
+    }
+}
+
+/// Unmount `mp`: umount(2) as root, else fusermount3 -u.
+pub fn unmount(mp: &Path) -> Result<(), Failure> {
+    match rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::BUSY) => Err(Failure::new(
+            exit::BUSY,
+            format!(
+                "{} is busy: a process has a file or its working directory under it (see `fuser -vm {}`)",
+                mp.display(),
+                mp.display()
+            ),
+        )),
+        Err(Errno::PERM) => {
+            let out = Command::new("fusermount3").arg("-u").arg(mp).output();
+            match out {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(Failure::new(
+                    exit::FAILURE,
+                    String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                )),
+                Err(e) => Err(Failure::new(exit::FAILURE, format!("fusermount3: {e}"))),
+            }
+        }
+        Err(e) => Err(Failure::new(
+            exit::FAILURE,
+            format!("cannot unmount {}: {e}", mp.display()),
+        )),
+    }
+}
+
+/// Wait until no daemon holds the volume's lock (after an unmount).
+pub fn wait_unlocked(backing: &Path, deadline: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if let Ok(dir) = File::open(backing) {
+            if rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).is_ok() {
+                return true;
+            }
+        } else {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn harden_process() {
+    // No core dumps: the process holds key material.
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    // Every inode the kernel holds is an O_PATH descriptor: allow as many as we may.
+    if let Ok(lim) = Ok::<_, ()>(rustix::process::getrlimit(
+        rustix::process::Resource::Nofile,
+    )) {
+        if let Some(max) = lim.maximum {
+            let _ = rustix::process::setrlimit(
+                rustix::process::Resource::Nofile,
+                rustix::process::Rlimit {
+                    current: Some(max),
+                    maximum: Some(max),
+                },
+            );
+        }
+    }
+}
+
+/// Run the daemon in this process until the volume is unmounted.
+pub fn serve(req: &MountRequest) -> Result<(), Failure> {
+    let mut ready = Ready::from_env();
+    if ready.detached() {
+        let _ = rustix::process::setsid();
+    }
+    match serve_inner(req, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(f) => {
+            ready.fail(&f);
+            Err(f)
+        }
+    }
+}
+
+fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
+    harden_process();
+    let backing = std::fs::canonicalize(&req.backing)
+        .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
+    let cfg = VolumeConfig::load(&backing)?;
+    let mountpoint = check_mountpoint(&req.mountpoint)?;
+    let _lock = lock_volume(&backing)?;
+    let provider = cfg.kms.open()?;
+    let deks = cfg.unlock(&backing, provider.as_ref())?;
+    let keys = Keyring::new(deks, cfg.keyring.current).ok_or_else(|| {
+        Failure::new(
+            exit::BAD_CONFIG,
+            "current key version missing from the keyring",
+        )
+    })?;
+    drop(provider);
+    let fs = EarFs::new(&backing, keys)
+        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
+    let mcfg = MountConfig {
+        fsname: format!("earfs:{}", backing.display()),
+        allow_other: req.allow_other,
+        threads: req.threads,
+        options: req.options.clone(),
+    };
+    let adapter = EarFuse::new(
+        fs,
+        AdapterOptions {
+            writeback_cache: req.writeback_cache,
+        },
+    );
+    let session = crate::fuse::mount(adapter, &mountpoint, &mcfg).map_err(|e| {
+        Failure::new(
+            exit::FUSE_FAILED,
+            format!("cannot mount FUSE at {}: {e} (is the fuse module loaded and /dev/fuse usable? --allow-other as non-root needs user_allow_other in /etc/fuse.conf)", mountpoint.display()),
+        )
+    })?;
+    let worker = std::thread::Builder::new()
+        .name("earfs-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start threads: {e}")))?;
+    // Ready only once a request has been served through the mount.
+    std::fs::metadata(&mountpoint).map_err(|e| {
+        Failure::new(
+            exit::FUSE_FAILED,
+            format!("mount at {} does not answer: {e}", mountpoint.display()),
+        )
+    })?;
+    log::info!(
+        "mounted volume {} from {} at {} ({} threads, cipher {}, writeback cache {})",
+        cfg.volume_id,
+        backing.display(),
+        mountpoint.display(),
+        req.threads,
+        crate::crypto::implementation(),
+        if req.writeback_cache { "on" } else { "off" }
+    );
+    ready.ok();
+    watch_signals(mountpoint.clone());
+    match worker.join() {
+        Ok(Ok(())) => {
+            log::info!("unmounted {}", mountpoint.display());
+            Ok(())
+        }
+        Ok(Err(e)) => Err(Failure::new(
+            exit::FAILURE,
+            format!("FUSE session ended with an error: {e}"),
+        )),
+        Err(_) => Err(Failure::new(exit::FAILURE, "FUSE session thread panicked")),
+    }
+}
+
+/// SIGTERM / SIGINT unmount (retried while busy); the session then ends and we exit 0.
+fn watch_signals(mountpoint: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) else {
+        log::warn!("cannot install signal handlers; stop the daemon with `earfs umount`");
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("earfs-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    log::info!("SIGHUP: nothing to reload in this version");
+                    continue;
+                }
+                log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                let mut last_warn = Instant::now() - Duration::from_secs(60);
+                loop {
+                    match unmount(&mountpoint) {
+                        Ok(()) => break,
+                        Err(f) if f.code == exit::BUSY => {
+                            if last_warn.elapsed() > Duration::from_secs(5) {
+                                log::warn!("{f}; retrying");
+                                last_warn = Instant::now();
+                            }
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(f) => {
+                            log::error!("{f}");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    if spawned.is_err() {
+        log::warn!("cannot start the signal thread");
+    }
+}

@@ -1,0 +1,541 @@
+//! File content over a backing file: read, write (with read-modify-write of partial
+//! sectors), truncate, fallocate and SEEK_DATA/SEEK_HOLE, in format v1.
+//!
+//! Every function here runs under the inode's content lock (`Inode::content`): shared
+//! for reads and seeks, exclusive for anything that changes bytes or size.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::Errno;
+
+use crate::content::{
+    FileCipher, HEADER_LEN, Keyring, SECTOR, SectorNo, SectorSpan, backing_size_to_plain_size,
+    decode_header, new_header, plain_off_to_sector, plain_size_to_backing_size, sector_len,
+};
+use crate::sys::AlignedBuf;
+
+use super::error::{FsError, FsResult};
+
+/// The loaded state of a regular file. Valid while the volume is mounted, since all
+/// changes to the backing file go through this module.
+#[derive(Debug, Default)]
+pub struct Content {
+    loaded: bool,
+    /// The file's cipher; `None` while the backing file is empty (no header yet).
+    cipher: Option<Arc<FileCipher>>,
+    /// Plaintext size.
+    size: u64,
+    /// Set once a corruption has been logged, so that it is logged once per inode.
+    corrupt_logged: bool,
+}
+
+impl Content {
+    pub fn is_loaded(&self) -> bool {
+        self.loaded
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Key version of the file's header, if it has one.
+    pub fn key_version(&self) -> Option<u32> {
+        self.cipher.as_ref().map(|c| c.key_version())
+    }
+}
+
+/// What the content functions need: the backing file(s), the keys and, for messages,
+/// a way to name the backing path.
+pub struct Io<'a> {
+    pub file: &'a File,
+    /// An O_DIRECT descriptor of the same file, for aligned requests.
+    pub direct: Option<&'a File>,
+    pub keys: &'a Keyring,
+    pub path: &'a dyn Fn() -> PathBuf,
+}
+
+thread_local! {
+    static BUF: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
+}
+
+/// Run `f` on a page-aligned scratch buffer of `len` bytes (reused per thread).
+fn with_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> FsResult<R>) -> FsResult<R> {
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            if !b.resize(len) {
+                return Err(FsError::NoMemory);
+            }
+            f(b.as_mut_slice())
+        }
+        Err(_) => {
+            let mut b = AlignedBuf::new();
+            if !b.resize(len) {
+                return Err(FsError::NoMemory);
+            }
+            f(b.as_mut_slice())
+        }
+    })
+}
+
+/// pread until `buf` is full or end of file; returns the bytes read.
+fn pread_full(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+/// pwrite all of `buf` or fail with the errno of the failing call.
+fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.write_at(&buf[done..], off + done as u64) {
+            Ok(0) => return Err(FsError::Os(Errno::NOSPC)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn corrupt(c: &mut Content, io: &Io<'_>, reason: String) -> FsError {
+    let path = (io.path)();
+    if !c.corrupt_logged {
+        log::error!(
+            "op=open path={} errno=EIO damaged file: {reason}",
+            path.display()
+        );
+        c.corrupt_logged = true;
+    }
+    FsError::Corrupt { path, reason }
+}
+
+/// Load header and size from the backing file if not yet loaded.
+pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
+    if c.loaded {
+        return Ok(());
+    }
+    let st = rustix::fs::fstat(io.file)?;
+    let backing = st.st_size as u64;
+    let Some(size) = backing_size_to_plain_size(backing) else {
+        return Err(corrupt(
+            c,
+            io,
+            format!("backing file is {backing} bytes, shorter than the {HEADER_LEN}-byte header"),
+        ));
+    };
+    if backing == 0 {
+        c.cipher = None;
+    } else {
+        let mut h = [0u8; HEADER_LEN as usize];
+        let n = pread_full(io.file, &mut h, 0)?;
+        match decode_header(io.keys, &h[..n]) {
+            Ok(cipher) => c.cipher = Some(Arc::new(cipher)),
+            Err(e) => return Err(corrupt(c, io, e.to_string())),
+        }
+    }
+    c.size = size;
+    c.loaded = true;
+    Ok(())
+}
+
+/// Give an empty backing file its header (a fresh nonce under the current key).
+fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
+    if let Some(cipher) = &c.cipher {
+        return Ok(cipher.clone());
+    }
+    let (h, cipher) = new_header(io.keys).map_err(|e| FsError::Corrupt {
+        path: (io.path)(),
+        reason: e.to_string(),
+    })?;
+    if let Err(e) = pwrite_all(io.file, &h[..], 0) {
+        // Leave the file empty, as it was.
+        let _ = rustix::fs::ftruncate(io.file, 0);
+        return Err(e);
+    }
+    let cipher = Arc::new(cipher);
+    c.cipher = Some(cipher.clone());
+    c.size = 0;
+    Ok(cipher)
+}
+
+/// Read plaintext `[off, off + len)` (cropped at end of file) and hand it to `out`.
+pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8])) -> FsResult<()> {
+    let size = c.size;
+    let (Some(cipher), true) = (c.cipher.as_ref(), off < size) else {
+        out(&[]);
+        return Ok(());
+    };
+    let end = off.saturating_add(u64::from(len)).min(size);
+    let Some(span) = SectorSpan::covering(off, end - off) else {
+        out(&[]);
+        return Ok(());
+    };
+    let span_len = (span.count() * SECTOR) as usize;
+    let want = (span.end.plain_start().min(size) - span.plain_start()) as usize;
+    with_buf(span_len, |buf| {
+        let aligned = off % SECTOR == 0 && u64::from(len) % SECTOR == 0;
+        let n = match (io.direct, aligned) {
+            (Some(d), true) => pread_full(d, buf, span.first.backing_offset())?,
+            _ => pread_full(io.file, &mut buf[..want], span.first.backing_offset())?,
+        };
+        if n < want {
+            return Err(FsError::Corrupt {
+                path: (io.path)(),
+                reason: format!("backing file ends {} bytes early", want - n),
+            });
+        }
+        let buf = &mut buf[..want];
+        cipher.decrypt(span.first, buf);
+        let from = (off - span.plain_start()) as usize;
+        let to = (end - span.plain_start()) as usize;
+        out(&buf[from..to]);
+        Ok(())
+    })
+}
+
+/// Read and decrypt the `len` bytes of sector `s` into `out[..len]`; returns the raw
+/// ciphertext for undo.
+fn read_sector(
+    io: &Io<'_>,
+    cipher: &FileCipher,
+    s: SectorNo,
+    len: usize,
+    out: &mut [u8; SECTOR as usize],
+) -> FsResult<Vec<u8>> {
+    let n = pread_full(io.file, &mut out[..len], s.backing_offset())?;
+    if n < len {
+        return Err(FsError::Corrupt {
+            path: (io.path)(),
+            reason: format!("sector {} is {} bytes short", s.0, len - n),
+        });
+    }
+    let raw = out[..len].to_vec();
+    cipher.decrypt(s, &mut out[..len]);
+    Ok(raw)
+}
+
+/// Re-encrypt sector `s` for a size change from `old` to `new` bytes of file size:
+/// bytes past the old end become zeros, bytes past the new end are dropped. Returns
+/// (backing offset, old ciphertext) to undo it.
+fn reencode_sector(
+    io: &Io<'_>,
+    cipher: &FileCipher,
+    s: SectorNo,
+    old: u64,
+    new: u64,
+) -> FsResult<Option<(u64, Vec<u8>)>> {
+    let old_len = sector_len(s, old);
+    let new_len = sector_len(s, new);
+    if old_len == 0 || new_len == 0 || old_len == new_len {
+        return Ok(None);
+    }
+    let mut sec = [0u8; SECTOR as usize];
+    let raw = read_sector(io, cipher, s, old_len, &mut sec)?;
+    if raw.iter().all(|&b| b == 0) {
+        // A hole stays a hole at any length.
+        return Ok(None);
+    }
+    if new_len > old_len {
+        sec[old_len..new_len].fill(0);
+    }
+    cipher.encrypt(s, &mut sec[..new_len]);
+    pwrite_all(io.file, &sec[..new_len], s.backing_offset())?;
+    Ok(Some((s.backing_offset(), raw)))
+}
+
+fn undo(io: &Io<'_>, tail: Option<(u64, Vec<u8>)>, backing_size: Option<u64>) {
+    if let Some((off, raw)) = tail {
+        let _ = pwrite_all(io.file, &raw, off);
+    }
+    if let Some(sz) = backing_size {
+        let _ = rustix::fs::ftruncate(io.file, sz);
+    }
+}
+
+/// Reserve backing space for `[from, to)` so that the write that follows cannot hit
+/// ENOSPC halfway. Filesystems without fallocate are written without a reservation.
+fn reserve(io: &Io<'_>, from: u64, to: u64) -> FsResult<()> {
+    if to <= from {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, from, to - from) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP | Errno::NOSYS) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Write `data` at plaintext offset `off`. Returns the bytes written (all of them).
+/// On failure the file is left as it was (size, bytes outside the write, and the tail).
+pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<usize> {
+    let len = data.len() as u64;
+    let Some(span) = SectorSpan::covering(off, len) else {
+        return Ok(0);
+    };
+    let end = off.checked_add(len).ok_or(FsError::Os(Errno::FBIG))?;
+    let had_header = c.cipher.is_some();
+    let cipher = ensure_header(c, io)?;
+    let old = c.size;
+    let new_size = old.max(end);
+    let old_backing = plain_size_to_backing_size(old);
+    let buf_len = (span.end.plain_start().min(new_size) - span.plain_start()) as usize;
+    let new_backing_end = span.first.backing_offset() + buf_len as u64;
+    let grows = new_backing_end > old_backing;
+    let rollback_size = if !had_header {
+        Some(0)
+    } else {
+        grows.then_some(old_backing)
+    };
+    if grows {
+        if let Err(e) = reserve(
+            io,
+            old_backing.max(span.first.backing_offset()),
+            new_backing_end,
+        ) {
+            undo(io, None, rollback_size);
+            if !had_header {
+                c.cipher = None;
+            }
+            return Err(e);
+        }
+    }
+    // Growing past a short last sector: re-encrypt it at its new length first.
+    let mut tail_undo = None;
+    if end > old && old % SECTOR != 0 {
+        let t = plain_off_to_sector(old);
+        if t < span.first {
+            match reencode_sector(io, &cipher, t, old, new_size) {
+                Ok(u) => tail_undo = u,
+                Err(e) => {
+                    undo(io, None, rollback_size);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let res = with_buf(buf_len, |buf| {
+        let data_start = (off - span.plain_start()) as usize;
+        let data_end = data_start + data.len();
+        buf[..data_start].fill(0);
+        buf[data_end..].fill(0);
+        let last = SectorNo(span.end.0 - 1);
+        let edges = if last == span.first {
+            vec![span.first]
+        } else {
+            vec![span.first, last]
+        };
+        for s in edges {
+            let new_len = sector_len(s, new_size) as u64;
+            let covered = off <= s.plain_start() && end >= s.plain_start() + new_len;
+            let old_len = sector_len(s, old);
+            if covered || old_len == 0 {
+                continue;
+            }
+            let mut sec = [0u8; SECTOR as usize];
+            read_sector(io, &cipher, s, old_len, &mut sec)?;
+            let at = (s.plain_start() - span.plain_start()) as usize;
+            buf[at..at + old_len].copy_from_slice(&sec[..old_len]);
+        }
+        buf[data_start..data_end].copy_from_slice(data);
+        cipher.encrypt(span.first, buf);
+        let direct_ok = off % SECTOR == 0 && buf_len as u64 % SECTOR == 0;
+        match (io.direct, direct_ok) {
+            (Some(d), true) => pwrite_all(d, buf, span.first.backing_offset()),
+            _ => pwrite_all(io.file, buf, span.first.backing_offset()),
+        }
+    });
+    if let Err(e) = res {
+        undo(io, tail_undo, rollback_size);
+        if !had_header {
+            c.cipher = None;
+        }
+        return Err(e);
+    }
+    c.size = new_size;
+    Ok(data.len())
+}
+
+/// Set the plaintext size to `new`, zero-extending or cutting.
+pub fn truncate(c: &mut Content, io: &Io<'_>, new: u64) -> FsResult<()> {
+    if new == 0 {
+        // An empty file has no header; the next write starts it under a fresh nonce.
+        rustix::fs::ftruncate(io.file, 0)?;
+        c.cipher = None;
+        c.size = 0;
+        return Ok(());
+    }
+    let had_header = c.cipher.is_some();
+    let cipher = ensure_header(c, io)?;
+    let old = c.size;
+    let tail = if new < old && new % SECTOR != 0 {
+        reencode_sector(io, &cipher, plain_off_to_sector(new), old, new)?
+    } else if new > old && old % SECTOR != 0 {
+        reencode_sector(io, &cipher, plain_off_to_sector(old), old, new)?
+    } else {
+        None
+    };
+    if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(new)) {
+        undo(io, tail, (!had_header).then_some(0));
+        if !had_header {
+            c.cipher = None;
+        }
+        return Err(e.into());
+    }
+    c.size = new;
+    Ok(())
+}
+
+const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+
+/// fallocate with mode 0, KEEP_SIZE or PUNCH_HOLE|KEEP_SIZE on plaintext `[off, off+len)`.
+pub fn fallocate(c: &mut Content, io: &Io<'_>, off: u64, len: u64, mode: i32) -> FsResult<()> {
+    if mode & !(KEEP_SIZE | PUNCH_HOLE) != 0 {
+        return Err(FsError::NotSupported);
+    }
+    if len == 0 {
+        return Err(FsError::Invalid);
+    }
+    let end = off.checked_add(len).ok_or(FsError::Os(Errno::FBIG))?;
+    if mode & PUNCH_HOLE != 0 {
+        if mode & KEEP_SIZE == 0 {
+            return Err(FsError::NotSupported);
+        }
+        return punch(c, io, off, end);
+    }
+    let boff = off + HEADER_LEN;
+    if mode & KEEP_SIZE != 0 || end <= c.size {
+        rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, len)?;
+        return Ok(());
+    }
+    // Mode 0 past the end: reserve, re-encrypt a short tail, then set the new size.
+    let had_header = c.cipher.is_some();
+    let cipher = ensure_header(c, io)?;
+    if let Err(e) = rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, len) {
+        if !had_header {
+            undo(io, None, Some(0));
+            c.cipher = None;
+        }
+        return Err(e.into());
+    }
+    let old = c.size;
+    let tail = if old % SECTOR != 0 {
+        reencode_sector(io, &cipher, plain_off_to_sector(old), old, end)?
+    } else {
+        None
+    };
+    if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(end)) {
+        undo(io, tail, None);
+        return Err(e.into());
+    }
+    c.size = end;
+    Ok(())
+}
+
+/// Zero plaintext `[off, end)` within the file: whole sectors become backing holes,
+/// partial edge sectors are rewritten with encrypted zeros.
+fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
+    let size = c.size;
+    let Some(cipher) = c.cipher.clone() else {
+        return Ok(());
+    };
+    if off >= size {
+        return Ok(());
+    }
+    let end = end.min(size);
+    let Some(span) = SectorSpan::covering(off, end - off) else {
+        return Ok(());
+    };
+    let covered = |s: SectorNo| {
+        let s_start = s.plain_start();
+        off <= s_start && end >= s_start + sector_len(s, size) as u64
+    };
+    let rmw = |s: SectorNo| -> FsResult<()> {
+        let s_start = s.plain_start();
+        let s_len = sector_len(s, size);
+        let mut sec = [0u8; SECTOR as usize];
+        read_sector(io, &cipher, s, s_len, &mut sec)?;
+        let a = (off.max(s_start) - s_start) as usize;
+        let b = (end.min(s_start + s_len as u64) - s_start) as usize;
+        sec[a..b].fill(0);
+        cipher.encrypt(s, &mut sec[..s_len]);
+        pwrite_all(io.file, &sec[..s_len], s.backing_offset())
+    };
+    // Only the first and the last sector can be partly covered.
+    let last = SectorNo(span.end.0 - 1);
+    let mut full_from = span.first;
+    let mut full_to = span.end;
+    if !covered(span.first) {
+        rmw(span.first)?;
+        full_from = span.first.next();
+    }
+    if last != span.first && !covered(last) {
+        rmw(last)?;
+        full_to = last;
+    }
+    if full_from < full_to {
+        let from = full_from;
+        let a = from.backing_offset();
+        let b = plain_size_to_backing_size(full_to.plain_start().min(size));
+        if b > a {
+            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match rustix::fs::fallocate(io.file, flags, a, b - a) {
+                Ok(()) => {}
+                // No hole punching in the backing filesystem: zero ciphertext reads as zeros too.
+                Err(Errno::OPNOTSUPP | Errno::NOSYS) => zero_fill(io.file, a, b)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn zero_fill(f: &File, from: u64, to: u64) -> FsResult<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(zeros.len());
+        pwrite_all(f, &zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// SEEK_DATA (`data == true`) or SEEK_HOLE from plaintext offset `off`.
+pub fn seek_data_hole(c: &Content, io: &Io<'_>, off: u64, data: bool) -> FsResult<u64> {
+    let size = c.size;
+    if off >= size {
+        return Err(FsError::NoData);
+    }
+    let boff = off + HEADER_LEN;
+    let r = rustix::fs::seek(
+        io.file,
+        if data {
+            SeekFrom::Data(boff)
+        } else {
+            SeekFrom::Hole(boff)
+        },
+    );
+    match r {
+        Ok(b) => Ok(b.saturating_sub(HEADER_LEN).clamp(off, size)),
+        Err(Errno::NXIO) => {
+            if data {
+                Err(FsError::NoData)
+            } else {
+                Ok(size)
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}

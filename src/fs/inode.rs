@@ -1,0 +1,158 @@
+//! The inode table: kernel node ids ↔ backing objects held by O_PATH descriptors.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::error::{FsError, FsResult};
+use super::file::Content;
+
+/// Node id of the root directory (FUSE_ROOT_ID).
+pub const ROOT_ID: u64 = 1;
+/// Node id used for a backing object whose inode number is 1 but is not the root.
+const INO_ONE_ALIAS: u64 = u64::MAX - 1;
+
+/// The type of a backing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    /// From the S_IFMT bits of a mode.
+    pub fn from_mode(mode: u32) -> FileKind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            _ => FileKind::File,
+        }
+    }
+}
+
+/// A backing object known to the kernel.
+#[derive(Debug)]
+pub struct Inode {
+    pub id: u64,
+    /// Backing (st_dev, st_ino).
+    pub key: (u64, u64),
+    /// O_PATH descriptor of the backing object; follows it across renames.
+    pub fd: OwnedFd,
+    pub kind: FileKind,
+    /// The file's cipher and plaintext size. Readers share; writes, truncates and
+    /// fallocate hold it exclusively (the content lock of DESIGN.md's data path).
+    pub content: RwLock<Content>,
+}
+
+struct Tables {
+    by_id: HashMap<u64, (Arc<Inode>, u64)>,
+    by_key: HashMap<(u64, u64), u64>,
+}
+
+/// Node id → inode, and backing key → node id, with kernel lookup counts.
+/// The mutex protects both maps and the counts; it is never held across I/O.
+pub struct InodeTable {
+    tables: Mutex<Tables>,
+    root_key: (u64, u64),
+}
+
+impl InodeTable {
+    /// A table holding the root.
+    pub fn new(root_fd: OwnedFd, root_key: (u64, u64)) -> Self {
+        let root = Arc::new(Inode {
+            id: ROOT_ID,
+            key: root_key,
+            fd: root_fd,
+            kind: FileKind::Dir,
+            content: RwLock::new(Content::default()),
+        });
+        let mut by_id = HashMap::new();
+        by_id.insert(ROOT_ID, (root, 1));
+        let mut by_key = HashMap::new();
+        by_key.insert(root_key, ROOT_ID);
+        InodeTable {
+            tables: Mutex::new(Tables { by_id, by_key }),
+            root_key,
+        }
+    }
+
+    /// The node id a backing object is known by: its inode number, the root as 1.
+    pub fn id_for(&self, key: (u64, u64)) -> u64 {
+        if key == self.root_key {
+            ROOT_ID
+        } else if key.1 == ROOT_ID {
+            INO_ONE_ALIAS
+        } else {
+            key.1
+        }
+    }
+
+    pub fn get(&self, id: u64) -> FsResult<Arc<Inode>> {
+        self.tables
+            .lock()
+            .by_id
+            .get(&id)
+            .map(|(i, _)| i.clone())
+            .ok_or(FsError::Stale)
+    }
+
+    /// Register a lookup of the backing object `key` (opened as `fd`): reuse the known
+    /// inode or insert a new one, and count one kernel reference.
+    pub fn remember(&self, key: (u64, u64), fd: OwnedFd, kind: FileKind) -> FsResult<Arc<Inode>> {
+        let id = self.id_for(key);
+        let mut t = self.tables.lock();
+        if let Some((inode, count)) = t.by_id.get_mut(&id) {
+            if inode.key != key {
+                return Err(FsError::CrossDevice);
+            }
+            *count += 1;
+            return Ok(inode.clone());
+        }
+        let inode = Arc::new(Inode {
+            id,
+            key,
+            fd,
+            kind,
+            content: RwLock::new(Content::default()),
+        });
+        t.by_id.insert(id, (inode.clone(), 1));
+        t.by_key.insert(key, id);
+        Ok(inode)
+    }
+
+    /// Drop `n` kernel references; forget the inode at zero (never the root).
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let mut t = self.tables.lock();
+        let gone = match t.by_id.get_mut(&id) {
+            Some((_, count)) => {
+                *count = count.saturating_sub(n);
+                *count == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some((inode, _)) = t.by_id.remove(&id) {
+                t.by_key.remove(&inode.key);
+            }
+        }
+    }
+
+    /// Number of inodes known (for tests and status).
+    pub fn len(&self) -> usize {
+        self.tables.lock().by_id.len()
+    }
+}

@@ -1,0 +1,825 @@
+//! Filesystem semantics over the backing directory: inodes, handles, per-inode
+//! content locks, and every operation a database uses. No fuser, no KMS: the FUSE
+//! adapter (src/fuse) calls these methods and replies.
+
+mod dir;
+mod error;
+mod file;
+mod inode;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::content::{HEADER_LEN, Keyring, backing_size_to_plain_size};
+use crate::volume::CONFIG_NAME;
+
+pub use dir::DirEntry;
+pub use error::{FsError, FsResult};
+pub use file::Content;
+pub use inode::{FileKind, Inode, ROOT_ID};
+
+use dir::DirHandle;
+use inode::InodeTable;
+
+/// Attributes of a file as the mount shows them (plaintext size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// The caller of an operation that creates something.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: a value or "now".
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// The changes of a setattr.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// Filesystem statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// An open regular file.
+struct Handle {
+    inode: Arc<Inode>,
+    file: File,
+    direct: Option<File>,
+}
+
+/// The earfs filesystem over one backing directory.
+pub struct EarFs {
+    backing: PathBuf,
+    inodes: InodeTable,
+    keys: Keyring,
+    /// Open files by handle number. The lock guards the map only, never I/O.
+    files: RwLock<HashMap<u64, Arc<Handle>>>,
+    /// Open directories by handle number. The lock guards the map only.
+    dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+}
+
+fn proc_path(fd: &impl AsRawFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+fn to_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = i64::from(d.subsec_nanos());
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec,
+                }
+            }
+        },
+    }
+}
+
+impl EarFs {
+    /// Serve `backing` with `keys`.
+    pub fn new(backing: &Path, keys: Keyring) -> FsResult<EarFs> {
+        let fd = rustix::fs::open(
+            backing,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&fd)?;
+        Ok(EarFs {
+            backing: backing.to_path_buf(),
+            inodes: InodeTable::new(fd, (st.st_dev, st.st_ino)),
+            keys,
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    /// The backing directory.
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    /// The keyring in use.
+    pub fn keys(&self) -> &Keyring {
+        &self.keys
+    }
+
+    /// How many inodes the kernel holds references to.
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    fn is_reserved(parent: u64, name: &OsStr) -> bool {
+        parent == ROOT_ID
+            && (name.as_bytes() == CONFIG_NAME.as_bytes()
+                || name.as_bytes() == format!(".{CONFIG_NAME}.tmp").as_bytes())
+    }
+
+    fn attr_of(&self, key_st: &Stat) -> Attr {
+        let kind = FileKind::from_mode(key_st.st_mode);
+        let mut size = key_st.st_size as u64;
+        let mut blocks = key_st.st_blocks as u64;
+        if kind == FileKind::File {
+            size = backing_size_to_plain_size(size).unwrap_or(0);
+            blocks = blocks.saturating_sub(HEADER_LEN / 512);
+        }
+        Attr {
+            ino: self.inodes.id_for((key_st.st_dev, key_st.st_ino)),
+            size,
+            blocks,
+            atime: to_time(key_st.st_atime, key_st.st_atime_nsec as i64),
+            mtime: to_time(key_st.st_mtime, key_st.st_mtime_nsec as i64),
+            ctime: to_time(key_st.st_ctime, key_st.st_ctime_nsec as i64),
+            kind,
+            perm: (key_st.st_mode & 0o7777) as u16,
+            nlink: key_st.st_nlink as u32,
+            uid: key_st.st_uid,
+            gid: key_st.st_gid,
+            rdev: key_st.st_rdev as u32,
+            blksize: 4096,
+        }
+    }
+
+    fn stat_inode(&self, inode: &Inode) -> FsResult<Attr> {
+        let st = rustix::fs::fstat(&inode.fd)?;
+        let mut attr = self.attr_of(&st);
+        // While the file's content is loaded, its size is ours (mid-write backing sizes never show).
+        if inode.kind == FileKind::File {
+            if let Some(c) = inode.content.try_read() {
+                if c.is_loaded() {
+                    attr.size = c.size();
+                }
+            }
+        }
+        Ok(attr)
+    }
+
+    /// Open `name` in `parent` as O_PATH and register it (one kernel reference).
+    fn lookup_inode(&self, parent: &Inode, name: &OsStr) -> FsResult<(Arc<Inode>, Attr)> {
+        let fd = rustix::fs::openat(
+            &parent.fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        self.register(fd)
+    }
+
+    fn register(&self, fd: OwnedFd) -> FsResult<(Arc<Inode>, Attr)> {
+        let st = rustix::fs::fstat(&fd)?;
+        let kind = FileKind::from_mode(st.st_mode);
+        let inode = self.inodes.remember((st.st_dev, st.st_ino), fd, kind)?;
+        let mut attr = self.attr_of(&st);
+        if let Some(c) = inode.content.try_read() {
+            if c.is_loaded() {
+                attr.size = c.size();
+            }
+        }
+        Ok((inode, attr))
+    }
+
+    fn content_io<'a>(
+        &'a self,
+        file: &'a File,
+        direct: Option<&'a File>,
+        path: &'a dyn Fn() -> PathBuf,
+    ) -> file::Io<'a> {
+        file::Io {
+            file,
+            direct,
+            keys: &self.keys,
+            path,
+        }
+    }
+
+    fn backing_path(&self, inode: &Inode) -> PathBuf {
+        std::fs::read_link(proc_path(&inode.fd))
+            .unwrap_or_else(|_| self.backing.join(format!("<inode {}>", inode.key.1)))
+    }
+
+    // ---- names ----
+
+    /// Look up `name` in `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        if Self::is_reserved(parent, name) {
+            return Err(FsError::Os(Errno::NOENT));
+        }
+        let p = self.inodes.get(parent)?;
+        Ok(self.lookup_inode(&p, name)?.1)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let inode = self.inodes.get(ino)?;
+        self.stat_inode(&inode)
+    }
+
+    /// Change attributes: size first, then mode, owner, times.
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        let inode = self.inodes.get(ino)?;
+        let path = proc_path(&inode.fd);
+        if let Some(size) = set.size {
+            if inode.kind != FileKind::File {
+                return Err(FsError::Os(if inode.kind == FileKind::Dir {
+                    Errno::ISDIR
+                } else {
+                    Errno::INVAL
+                }));
+            }
+            let handle = fh.and_then(|fh| self.files.read().get(&fh).cloned());
+            let owned;
+            let file = match &handle {
+                Some(h) => &h.file,
+                None => {
+                    owned = File::from(rustix::fs::open(
+                        &path,
+                        OFlags::RDWR | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?);
+                    &owned
+                }
+            };
+            let bp = || self.backing_path(&inode);
+            let io = self.content_io(file, None, &bp);
+            let mut c = inode.content.write();
+            file::load(&mut c, &io)?;
+            file::truncate(&mut c, &io, size)?;
+        }
+        if let Some(mode) = set.mode {
+            if inode.kind == FileKind::Symlink {
+                return Err(FsError::NotSupported);
+            }
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                &path,
+                Mode::from_raw_mode(mode & 0o7777),
+                AtFlags::empty(),
+            )?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            rustix::fs::chownat(
+                &inode.fd,
+                "",
+                set.uid.map(rustix::fs::Uid::from_raw),
+                set.gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = Timestamps {
+                last_access: timespec(set.atime),
+                last_modification: timespec(set.mtime),
+            };
+            rustix::fs::utimensat(rustix::fs::CWD, &path, &ts, AtFlags::empty())?;
+        }
+        self.stat_inode(&inode)
+    }
+
+    /// Give a new object the caller's owner; keep set-id bits that chown would clear.
+    fn own(&self, parent: &Inode, name: &OsStr, who: Caller, mode: u32) -> FsResult<()> {
+        let pst = rustix::fs::fstat(&parent.fd)?;
+        // In a set-group-id directory the backing filesystem already gave the parent's group.
+        let gid = (pst.st_mode & libc::S_ISGID == 0).then(|| rustix::fs::Gid::from_raw(who.gid));
+        rustix::fs::chownat(
+            &parent.fd,
+            name,
+            Some(rustix::fs::Uid::from_raw(who.uid)),
+            gid,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0
+            && FileKind::from_mode(mode) != FileKind::Dir
+            && FileKind::from_mode(mode) != FileKind::Symlink
+        {
+            rustix::fs::chmodat(
+                &parent.fd,
+                name,
+                Mode::from_raw_mode(mode & 0o7777),
+                AtFlags::empty(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn check_new_name(parent: u64, name: &OsStr) -> FsResult<()> {
+        if Self::is_reserved(parent, name) {
+            return Err(FsError::Reserved);
+        }
+        Ok(())
+    }
+
+    /// Create a file system node (regular file, fifo, socket, device).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        who: Caller,
+    ) -> FsResult<Attr> {
+        Self::check_new_name(parent, name)?;
+        let p = self.inodes.get(parent)?;
+        let kind = FileKind::from_mode(mode);
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        match kind {
+            FileKind::File => {
+                drop(rustix::fs::openat(
+                    &p.fd,
+                    name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    perm,
+                )?);
+            }
+            FileKind::Dir | FileKind::Symlink => return Err(FsError::Invalid),
+            _ => {
+                let ft = rustix::fs::FileType::from_raw_mode(mode);
+                rustix::fs::mknodat(&p.fd, name, ft, perm, u64::from(rdev))?;
+            }
+        }
+        self.finish_create(&p, name, who, mode)
+    }
+
+    fn finish_create(&self, p: &Inode, name: &OsStr, who: Caller, mode: u32) -> FsResult<Attr> {
+        if let Err(e) = self.own(p, name, who, mode) {
+            let flags = if FileKind::from_mode(mode) == FileKind::Dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            let _ = rustix::fs::unlinkat(&p.fd, name, flags);
+            return Err(e);
+        }
+        Ok(self.lookup_inode(p, name)?.1)
+    }
+
+    /// Create a directory.
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> FsResult<Attr> {
+        Self::check_new_name(parent, name)?;
+        let p = self.inodes.get(parent)?;
+        rustix::fs::mkdirat(&p.fd, name, Mode::from_raw_mode(mode & 0o7777))?;
+        self.finish_create(&p, name, who, libc::S_IFDIR | (mode & 0o7777))
+    }
+
+    /// Create a symbolic link.
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &Path, who: Caller) -> FsResult<Attr> {
+        Self::check_new_name(parent, name)?;
+        let p = self.inodes.get(parent)?;
+        rustix::fs::symlinkat(target, &p.fd, name)?;
+        self.finish_create(&p, name, who, libc::S_IFLNK | 0o777)
+    }
+
+    /// Read a symbolic link.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        Ok(rustix::fs::readlinkat(&inode.fd, "", Vec::new())?.into_bytes())
+    }
+
+    /// Remove a non-directory.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if Self::is_reserved(parent, name) {
+            return Err(FsError::Os(Errno::NOENT));
+        }
+        let p = self.inodes.get(parent)?;
+        Ok(rustix::fs::unlinkat(&p.fd, name, AtFlags::empty())?)
+    }
+
+    /// Remove an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if Self::is_reserved(parent, name) {
+            return Err(FsError::Os(Errno::NOENT));
+        }
+        let p = self.inodes.get(parent)?;
+        Ok(rustix::fs::unlinkat(&p.fd, name, AtFlags::REMOVEDIR)?)
+    }
+
+    /// Rename, with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT flags.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if Self::is_reserved(parent, name) {
+            return Err(FsError::Os(Errno::NOENT));
+        }
+        Self::check_new_name(newparent, newname)?;
+        let known = RenameFlags::NOREPLACE | RenameFlags::EXCHANGE | RenameFlags::WHITEOUT;
+        let Some(flags) = RenameFlags::from_bits(flags).filter(|f| known.contains(*f)) else {
+            return Err(FsError::Invalid);
+        };
+        let p = self.inodes.get(parent)?;
+        let np = self.inodes.get(newparent)?;
+        Ok(rustix::fs::renameat_with(
+            &p.fd, name, &np.fd, newname, flags,
+        )?)
+    }
+
+    /// Make a hard link to `ino` (the header travels with the content).
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        Self::check_new_name(newparent, newname)?;
+        let inode = self.inodes.get(ino)?;
+        let np = self.inodes.get(newparent)?;
+        rustix::fs::linkat(&inode.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH)?;
+        Ok(self.lookup_inode(&np, newname)?.1)
+    }
+
+    // ---- files ----
+
+    fn open_backing(&self, inode: &Inode, flags: i32) -> FsResult<(File, Option<File>)> {
+        let path = proc_path(&inode.fd);
+        let keep = OFlags::from_bits_truncate((flags & (libc::O_SYNC | libc::O_DSYNC)) as u32);
+        let base = OFlags::CLOEXEC | keep;
+        // Read-write even for write-only opens: partial sectors are read, modified, written.
+        let file = match rustix::fs::open(&path, base | OFlags::RDWR, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ACCESS | Errno::ROFS | Errno::PERM | Errno::TXTBSY)
+                if flags & libc::O_ACCMODE == libc::O_RDONLY =>
+            {
+                rustix::fs::open(&path, base | OFlags::RDONLY, Mode::empty())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // O_DIRECT: a second descriptor for aligned requests; never EINVAL at open.
+        let direct = if flags & libc::O_DIRECT != 0 {
+            let acc = if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                OFlags::RDONLY
+            } else {
+                OFlags::RDWR
+            };
+            rustix::fs::open(&path, base | acc | OFlags::DIRECT, Mode::empty())
+                .ok()
+                .map(File::from)
+        } else {
+            None
+        };
+        Ok((File::from(file), direct))
+    }
+
+    fn add_handle(&self, inode: Arc<Inode>, file: File, direct: Option<File>) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.write().insert(
+            fh,
+            Arc::new(Handle {
+                inode,
+                file,
+                direct,
+            }),
+        );
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.files
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Os(Errno::BADF))
+    }
+
+    /// Open a regular file; returns the handle number.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let inode = self.inodes.get(ino)?;
+        if inode.kind == FileKind::Dir {
+            return Err(FsError::Os(Errno::ISDIR));
+        }
+        let (file, direct) = self.open_backing(&inode, flags)?;
+        // Check the header now: a damaged file fails at open, with EIO.
+        if inode.kind == FileKind::File {
+            let bp = || self.backing_path(&inode);
+            let io = self.content_io(&file, None, &bp);
+            let mut c = inode.content.write();
+            file::load(&mut c, &io)?;
+            if flags & libc::O_TRUNC != 0 {
+                file::truncate(&mut c, &io, 0)?;
+            }
+        }
+        Ok(self.add_handle(inode, file, direct))
+    }
+
+    /// Create and open a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        who: Caller,
+    ) -> FsResult<(Attr, u64)> {
+        Self::check_new_name(parent, name)?;
+        let p = self.inodes.get(parent)?;
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        let created = match rustix::fs::openat(
+            &p.fd,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            perm,
+        ) {
+            Ok(fd) => {
+                drop(fd);
+                true
+            }
+            Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => false,
+            Err(e) => return Err(e.into()),
+        };
+        let attr = if created {
+            self.finish_create(&p, name, who, libc::S_IFREG | (mode & 0o7777))?
+        } else {
+            self.lookup_inode(&p, name)?.1
+        };
+        match self.open(attr.ino, flags) {
+            Ok(fh) => Ok((self.getattr(attr.ino)?, fh)),
+            Err(e) => {
+                self.forget(attr.ino, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Read up to `size` bytes at `off`; `out` receives the plaintext.
+    pub fn read(&self, fh: u64, off: u64, size: u32, out: impl FnOnce(&[u8])) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let bp = || self.backing_path(&h.inode);
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
+        let c = h.inode.content.read();
+        if c.is_loaded() {
+            return file::read(&c, &io, off, size, out);
+        }
+        drop(c);
+        let mut w = h.inode.content.write();
+        file::load(&mut w, &io)?;
+        let c = parking_lot::RwLockWriteGuard::downgrade(w);
+        file::read(&c, &io, off, size, out)
+    }
+
+    /// Write `data` at `off`.
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
+        let h = self.handle(fh)?;
+        let bp = || self.backing_path(&h.inode);
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
+        let mut c = h.inode.content.write();
+        file::load(&mut c, &io)?;
+        file::write(&mut c, &io, off, data)
+    }
+
+    /// fsync (or fdatasync) the backing file: exactly one backing call.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        if datasync {
+            rustix::fs::fdatasync(&h.file)?;
+        } else {
+            rustix::fs::fsync(&h.file)?;
+        }
+        Ok(())
+    }
+
+    /// Close a handle.
+    pub fn release(&self, fh: u64) {
+        self.files.write().remove(&fh);
+    }
+
+    /// fallocate (0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE).
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let bp = || self.backing_path(&h.inode);
+        let io = self.content_io(&h.file, None, &bp);
+        let mut c = h.inode.content.write();
+        file::load(&mut c, &io)?;
+        file::fallocate(&mut c, &io, off, len, mode)
+    }
+
+    /// lseek SEEK_DATA / SEEK_HOLE (others are the kernel's).
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> FsResult<i64> {
+        let h = self.handle(fh)?;
+        let off = u64::try_from(off).map_err(|_| FsError::Os(Errno::NXIO))?;
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(FsError::Invalid),
+        };
+        let bp = || self.backing_path(&h.inode);
+        let io = self.content_io(&h.file, None, &bp);
+        let mut c = h.inode.content.write();
+        file::load(&mut c, &io)?;
+        let r = file::seek_data_hole(&c, &io, off, data)?;
+        i64::try_from(r).map_err(|_| FsError::Invalid)
+    }
+
+    /// Key version of an open file's header (None while empty).
+    pub fn key_version(&self, fh: u64) -> FsResult<Option<u32>> {
+        Ok(self.handle(fh)?.inode.content.read().key_version())
+    }
+
+    // ---- directories ----
+
+    /// Open a directory.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.inodes.get(ino)?;
+        let d = DirHandle::open(inode)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.write().insert(fh, Arc::new(d));
+        Ok(fh)
+    }
+
+    fn dir(&self, fh: u64) -> FsResult<Arc<DirHandle>> {
+        self.dirs
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Os(Errno::BADF))
+    }
+
+    /// Entries of an open directory from `offset`; each entry's `offset` resumes after it.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let d = self.dir(fh)?;
+        let root = d.inode.id == ROOT_ID;
+        let entries = d.entries(offset, |dev, ino| self.inodes.id_for((dev, ino)))?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| !(root && Self::is_reserved(ROOT_ID, &e.name)))
+            .collect())
+    }
+
+    /// Close a directory.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.write().remove(&fh);
+    }
+
+    /// fsync a directory.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        let d = self.dir(fh)?;
+        d.sync(datasync)
+    }
+
+    /// Filesystem statistics of the backing filesystem.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let root = self.inodes.get(ROOT_ID)?;
+        let dir = rustix::fs::openat(
+            &root.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let s = rustix::fs::fstatvfs(dir.as_fd())?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    // ---- extended attributes: user.* only, stored as-is (not encrypted) ----
+
+    fn xattr_allowed(name: &OsStr) -> bool {
+        name.as_bytes().starts_with(b"user.")
+    }
+
+    /// Get an xattr; `size == 0` asks for the length.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<Vec<u8>> {
+        if !Self::xattr_allowed(name) {
+            return Err(FsError::NoAttr);
+        }
+        let inode = self.inodes.get(ino)?;
+        let path = proc_path(&inode.fd);
+        let mut buf = vec![0u8; if size == 0 { 65536 } else { size as usize }];
+        let n = match rustix::fs::getxattr(&path, name, &mut buf[..]) {
+            Ok(n) => n,
+            Err(Errno::NODATA) => return Err(FsError::NoAttr),
+            Err(Errno::RANGE) => return Err(FsError::Range),
+            Err(e) => return Err(e.into()),
+        };
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Set an xattr (`flags`: XATTR_CREATE / XATTR_REPLACE).
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        if !Self::xattr_allowed(name) {
+            return Err(FsError::NotSupported);
+        }
+        let inode = self.inodes.get(ino)?;
+        let f = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(FsError::Invalid)?;
+        Ok(rustix::fs::setxattr(proc_path(&inode.fd), name, value, f)?)
+    }
+
+    /// List xattr names (user.* only), NUL-separated.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        let path = proc_path(&inode.fd);
+        let mut buf = vec![0u8; 65536];
+        let n = match rustix::fs::listxattr(&path, &mut buf[..]) {
+            Ok(n) => n,
+            Err(Errno::OPNOTSUPP | Errno::PERM) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for name in buf[..n]
+            .split(|&b| b == 0)
+            .filter(|s| s.starts_with(b"user."))
+        {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Remove an xattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        if !Self::xattr_allowed(name) {
+            return Err(FsError::NoAttr);
+        }
+        let inode = self.inodes.get(ino)?;
+        match rustix::fs::removexattr(proc_path(&inode.fd), name) {
+            Ok(()) => Ok(()),
+            Err(Errno::NODATA) => Err(FsError::NoAttr),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The only module allowed `unsafe`: thin wrappers over what safe crates lack.
+
+#![allow(unsafe_code)]
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+/// Alignment of I/O buffers: a page, enough for O_DIRECT on any backing device.
+pub const IO_ALIGN: usize = 4096;
+
+/// A zero-initialised, page-aligned byte buffer for positional and O_DIRECT I/O.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads of initialised bytes.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// An empty buffer (no allocation).
+    pub const fn new() -> Self {
+        AlignedBuf {
+            ptr: NonNull::dangling(),
+            cap: 0,
+            len: 0,
+        }
+    }
+
+    /// Resize to `len` bytes, growing the allocation if needed. Contents are unspecified
+    /// (old bytes or zeros), never uninitialised. Returns false if allocation failed.
+    pub fn resize(&mut self, len: usize) -> bool {
+        if len > self.cap {
+            let cap = len.next_multiple_of(IO_ALIGN);
+            let Ok(layout) = Layout::from_size_align(cap, IO_ALIGN) else {
+                return false;
+            };
+            // SAFETY: layout has non-zero size (len > cap >= 0 so cap >= 4096).
+            let p = unsafe { alloc_zeroed(layout) };
+            let Some(p) = NonNull::new(p) else {
+                return false;
+            };
+            self.free();
+            self.ptr = p;
+            self.cap = cap;
+        }
+        self.len = len;
+        true
+    }
+
+    fn free(&mut self) {
+        if self.cap > 0 {
+            if let Ok(layout) = Layout::from_size_align(self.cap, IO_ALIGN) {
+                // SAFETY: ptr was allocated with exactly this layout.
+                unsafe { dealloc(self.ptr.as_ptr(), layout) };
+            }
+            self.cap = 0;
+            self.len = 0;
+            self.ptr = NonNull::dangling();
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap >= len initialised bytes (alloc_zeroed), or dangling with len 0.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+/// Take ownership of a descriptor inherited from the parent process (the readiness
+/// pipe of `earfs mount`), if `raw` is an open descriptor.
+pub fn inherited_fd(raw: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    if raw < 3 {
+        return None;
+    }
+    // SAFETY: the fd is only borrowed for the duration of the fcntl check.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    rustix::io::fcntl_getfd(borrowed).ok()?;
+    // SAFETY: the parent passed this descriptor to us for our exclusive use; nothing
+    // else in this process owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_resizable() {
+        let mut b = AlignedBuf::new();
+        assert!(b.as_slice().is_empty());
+        assert!(b.resize(10));
+        assert_eq!(b.as_slice(), &[0u8; 10]);
+        assert_eq!(b.as_slice().as_ptr() as usize % IO_ALIGN, 0);
+        b.as_mut_slice()[3] = 7;
+        assert!(b.resize(3 * 4096 + 1));
+        assert_eq!(b.as_slice().len(), 3 * 4096 + 1);
+        assert_eq!(b.as_slice().as_ptr() as usize % IO_ALIGN, 0);
+    }
+}

@@ -1,0 +1,320 @@
+//! The volume: `earfs.conf` and its keyring. Load, validate, authenticate and save
+//! atomically (tmp → fsync → rename → fsync dir).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{Dek, derive_config_mac_key, hmac_sha256, verify_hmac_sha256};
+use crate::kms::{KeyProvider, KmsError, ProviderSpec};
+
+/// Name of the volume config at the backing root; hidden from the mount.
+pub const CONFIG_NAME: &str = "earfs.conf";
+/// Cipher name stored in the config.
+pub const CIPHER: &str = "aes-256-xts";
+/// Config format this build reads and writes.
+pub const CONFIG_FORMAT: u32 = 1;
+/// Sector size stored in the config.
+pub const SECTOR_SIZE: u32 = 4096;
+
+/// One wrapped data key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedKey {
+    pub version: u32,
+    /// Base64 of the provider's wrapped blob.
+    pub wrapped: String,
+}
+
+/// The keyring as stored: wrapped DEKs by version, bound to `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKeyring {
+    pub id: String,
+    pub current: u32,
+    pub keys: Vec<WrappedKey>,
+}
+
+/// The contents of `earfs.conf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub format: u32,
+    pub volume_id: String,
+    pub cipher: String,
+    pub sector_size: u32,
+    pub kms: ProviderSpec,
+    pub keyring: StoredKeyring,
+    /// HMAC-SHA256 (hex) over the canonical form of everything above, with a key
+    /// derived from the current DEK.
+    #[serde(default)]
+    pub mac: String,
+}
+
+/// Errors of volume handling.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{0} is not an earfs volume (no {CONFIG_NAME}); create one with `earfs init`")]
+    NotAVolume(PathBuf),
+    #[error("{0} does not exist or is not a directory")]
+    NoBackingDir(PathBuf),
+    #[error("{0} is already an earfs volume")]
+    AlreadyAVolume(PathBuf),
+    #[error("{0} is not empty; `earfs init` needs an empty or new directory")]
+    NotEmpty(PathBuf),
+    #[error("{path}: invalid volume config: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("{0}: the volume config does not authenticate (it was changed, or the key is wrong)")]
+    ConfigMac(PathBuf),
+    #[error("{0}")]
+    Kms(#[from] KmsError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The path of the config in a backing directory.
+pub fn config_path(backing: &Path) -> PathBuf {
+    backing.join(CONFIG_NAME)
+}
+
+impl VolumeConfig {
+    fn canonical_bytes(&self) -> Vec<u8> {
+        let mut body = self.clone();
+        body.mac.clear();
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    fn seal(&mut self, current: &Dek) {
+        let tag = hmac_sha256(&derive_config_mac_key(current), &[&self.canonical_bytes()]);
+        self.mac = hex::encode(tag);
+    }
+
+    fn verify(&self, current: &Dek) -> bool {
+        let Ok(tag) = hex::decode(&self.mac) else {
+            return false;
+        };
+        verify_hmac_sha256(
+            &derive_config_mac_key(current),
+            &[&self.canonical_bytes()],
+            &tag,
+        )
+    }
+
+    /// Read and validate the config of `backing` (no key needed).
+    pub fn load(backing: &Path) -> Result<VolumeConfig, VolumeError> {
+        if !backing.is_dir() {
+            return Err(VolumeError::NoBackingDir(backing.to_path_buf()));
+        }
+        let path = config_path(backing);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VolumeError::NotAVolume(backing.to_path_buf()));
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let bad = |reason: String| VolumeError::BadConfig {
+            path: path.clone(),
+            reason,
+        };
+        let cfg: VolumeConfig = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+        if cfg.format != CONFIG_FORMAT {
+            return Err(bad(format!("unsupported format {}", cfg.format)));
+        }
+        if cfg.cipher != CIPHER {
+            return Err(bad(format!("unsupported cipher {:?}", cfg.cipher)));
+        }
+        if cfg.sector_size != SECTOR_SIZE {
+            return Err(bad(format!("unsupported sector size {}", cfg.sector_size)));
+        }
+        if !cfg
+            .keyring
+            .keys
+            .iter()
+            .any(|k| k.version == cfg.keyring.current)
+        {
+            return Err(bad(format!(
+                "current key version {} is not in the keyring",
+                cfg.keyring.current
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Unwrap every data key through `provider` and check the config's MAC.
+    pub fn unlock(
+        &self,
+        backing: &Path,
+        provider: &dyn KeyProvider,
+    ) -> Result<Vec<(u32, Dek)>, VolumeError> {
+        let path = config_path(backing);
+        let mut deks = Vec::with_capacity(self.keyring.keys.len());
+        for k in &self.keyring.keys {
+            let blob = B64.decode(&k.wrapped).map_err(|e| VolumeError::BadConfig {
+                path: path.clone(),
+                reason: format!("key version {}: {e}", k.version),
+            })?;
+            deks.push((k.version, provider.unwrap(&blob, &self.keyring.id)?));
+        }
+        let current = deks
+            .iter()
+            .find(|(v, _)| *v == self.keyring.current)
+            .map(|(_, d)| d)
+            .ok_or_else(|| VolumeError::ConfigMac(path.clone()))?;
+        if !self.verify(current) {
+            return Err(VolumeError::ConfigMac(path));
+        }
+        Ok(deks)
+    }
+
+    /// Write the config atomically: tmp → fsync → rename → fsync(dir).
+    pub fn save(&self, backing: &Path) -> Result<(), VolumeError> {
+        let path = config_path(backing);
+        let tmp = backing.join(format!(".{CONFIG_NAME}.tmp"));
+        let text = format!(
+            "# earfs volume config. Authenticated: do not edit. See docs/file-format.md.\n{}",
+            toml::to_string(self).map_err(|e| VolumeError::BadConfig {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?
+        );
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        fs::File::open(backing)
+            .and_then(|d| d.sync_all())
+            .map_err(io(backing))?;
+        Ok(())
+    }
+}
+
+/// Create a new volume in `backing` (created if missing; must be empty otherwise)
+/// with one data key made by `provider`. Returns the saved config.
+pub fn create(
+    backing: &Path,
+    spec: ProviderSpec,
+    provider: &dyn KeyProvider,
+) -> Result<VolumeConfig, VolumeError> {
+    if config_path(backing).exists() {
+        return Err(VolumeError::AlreadyAVolume(backing.to_path_buf()));
+    }
+    match fs::read_dir(backing) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                return Err(VolumeError::NotEmpty(backing.to_path_buf()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .create(backing)
+                .map_err(io(backing))?;
+        }
+        Err(e) => return Err(io(backing)(e)),
+    }
+    let keyring_id = uuid::Uuid::new_v4().to_string();
+    let (dek, wrapped) = provider.generate(&keyring_id)?;
+    // Prove the round trip before anything is written.
+    let back = provider.unwrap(&wrapped, &keyring_id)?;
+    if back.expose() != dek.expose() {
+        return Err(VolumeError::Kms(KmsError::WrongKey(spec.key_reference())));
+    }
+    let mut cfg = VolumeConfig {
+        format: CONFIG_FORMAT,
+        volume_id: uuid::Uuid::new_v4().to_string(),
+        cipher: CIPHER.to_string(),
+        sector_size: SECTOR_SIZE,
+        kms: spec,
+        keyring: StoredKeyring {
+            id: keyring_id,
+            current: 1,
+            keys: vec![WrappedKey {
+                version: 1,
+                wrapped: B64.encode(&wrapped),
+            }],
+        },
+        mac: String::new(),
+    };
+    cfg.seal(&dek);
+    cfg.save(backing)?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::{LocalProvider, create_key_file};
+
+    #[test]
+    fn create_load_unlock_and_tamper() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        create_key_file(&key).unwrap();
+        let prov = LocalProvider::open(&key).unwrap();
+        let spec = ProviderSpec::Local {
+            key_file: key.clone(),
+        };
+        let backing = d.path().join("vol");
+        let cfg = create(&backing, spec.clone(), &prov).unwrap();
+        assert!(matches!(
+            create(&backing, spec.clone(), &prov),
+            Err(VolumeError::AlreadyAVolume(_))
+        ));
+        let loaded = VolumeConfig::load(&backing).unwrap();
+        assert_eq!(loaded, cfg);
+        assert_eq!(loaded.unlock(&backing, &prov).unwrap().len(), 1);
+        // A changed field fails the MAC.
+        let text = fs::read_to_string(config_path(&backing)).unwrap();
+        let changed = text.replace(&cfg.volume_id, "00000000-0000-0000-0000-000000000000");
+        fs::write(config_path(&backing), changed).unwrap();
+        let loaded = VolumeConfig::load(&backing).unwrap();
+        assert!(matches!(
+            loaded.unlock(&backing, &prov),
+            Err(VolumeError::ConfigMac(_))
+        ));
+        // A wrong key does not unwrap.
+        let key2 = d.path().join("key2");
+        create_key_file(&key2).unwrap();
+        let prov2 = LocalProvider::open(&key2).unwrap();
+        assert!(matches!(
+            loaded.unlock(&backing, &prov2),
+            Err(VolumeError::Kms(KmsError::WrongKey(_)))
+        ));
+        // Not a volume / not empty.
+        let other = d.path().join("other");
+        fs::create_dir(&other).unwrap();
+        assert!(matches!(
+            VolumeConfig::load(&other),
+            Err(VolumeError::NotAVolume(_))
+        ));
+        fs::write(other.join("x"), b"x").unwrap();
+        assert!(matches!(
+            create(&other, spec, &prov),
+            Err(VolumeError::NotEmpty(_))
+        ));
+    }
+}
