@@ -1,0 +1,172 @@
+//! Shared helpers of the real-mount tests: a volume in a temp dir and an RAII mount
+//! that always unmounts (and checks that nothing is left mounted).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn earfs() -> &'static str {
+    env!("CARGO_BIN_EXE_earfs")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(earfs())
+        .args(args)
+        .output()
+        .expect("run earfs")
+}
+
+pub fn is_mounted(mp: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mp = mp.to_string_lossy().replace(' ', "\\040");
+    text.lines()
+        .any(|l| l.split(' ').nth(4) == Some(mp.as_str()))
+}
+
+/// A volume (backing dir + key file) in a temp dir.
+pub struct Volume {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub key: PathBuf,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Volume {
+    pub fn new() -> Volume {
+        let dir = tempfile::Builder::new()
+            .prefix("earfs-test-")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        let key = dir.path().join("key");
+        let mnt = dir.path().join("mnt");
+        let log = dir.path().join("daemon.log");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = run(&[
+            "init",
+            "--kms",
+            "local",
+            "--key-file",
+            key.to_str().unwrap(),
+            backing.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Volume {
+            dir,
+            backing,
+            key,
+            mnt,
+            log,
+        }
+    }
+
+    pub fn mount(&self, extra: &[&str]) -> Mount<'_> {
+        let out = self.try_mount(extra);
+        assert!(
+            out.status.success(),
+            "mount failed: {}\nlog: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        assert!(is_mounted(&self.mnt));
+        Mount { vol: self }
+    }
+
+    pub fn try_mount(&self, extra: &[&str]) -> Output {
+        let mut args = vec!["mount", "--log-file", self.log.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(self.backing.to_str().unwrap());
+        args.push(self.mnt.to_str().unwrap());
+        let out = run(&args);
+        if out.status.success() {
+            // Make sure a successful mount is undone even if the caller drops the output.
+            assert!(is_mounted(&self.mnt));
+        }
+        out
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A live mount; unmounted on drop, even when the test fails.
+pub struct Mount<'a> {
+    pub vol: &'a Volume,
+}
+
+impl Mount<'_> {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.vol.mnt.join(rel)
+    }
+    pub fn backing(&self, rel: &str) -> PathBuf {
+        self.vol.backing.join(rel)
+    }
+    /// Unmount now (and check it is gone).
+    pub fn unmount(self) {}
+}
+
+pub fn force_unmount(mp: &Path) {
+    for _ in 0..50 {
+        if !is_mounted(mp) {
+            return;
+        }
+        let out = run(&["umount", mp.to_str().unwrap()]);
+        if out.status.success() {
+            continue;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("umount").arg("-l").arg(mp).status();
+}
+
+impl Drop for Mount<'_> {
+    fn drop(&mut self) {
+        force_unmount(&self.vol.mnt);
+        let left = is_mounted(&self.vol.mnt);
+        if left && !std::thread::panicking() {
+            panic!("mount {} left behind", self.vol.mnt.display());
+        }
+    }
+}
+
+/// Every byte of every regular file under `dir` (recursively).
+pub fn all_backing_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(all_backing_bytes(&p));
+        } else if ft.is_file() {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Run a Python snippet (for mmap, fcntl locks); returns stdout, panics on failure.
+pub fn python(code: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

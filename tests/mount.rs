@@ -1,0 +1,865 @@
+//! Real-mount tests: every operation a database uses, through the kernel.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn marker_never_reaches_backing_and_zeros_are_encrypted() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let marker = b"EARFS-PLAINTEXT-MARKER-7f3a";
+    let mut data = Vec::new();
+    for _ in 0..2000 {
+        data.extend_from_slice(marker);
+    }
+    fs::write(m.path("marker.txt"), &data).unwrap();
+    fs::create_dir(m.path("sub")).unwrap();
+    fs::write(m.path("sub/small"), marker).unwrap();
+    fs::write(m.path("zeros"), vec![0u8; 1 << 20]).unwrap();
+    let f = File::open(m.path("marker.txt")).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("marker.txt")).unwrap(), data);
+    for (p, bytes) in all_backing_bytes(&vol.backing) {
+        assert!(!contains(&bytes, marker), "marker found in {}", p.display());
+    }
+    let z = fs::read(m.backing("zeros")).unwrap();
+    assert_eq!(z.len(), 4096 + (1 << 20));
+    for (i, s) in z[4096..].chunks(4096).enumerate() {
+        assert!(
+            s.iter().any(|&b| b != 0),
+            "sector {i} of a zero-filled file is stored as zeros"
+        );
+    }
+    assert_eq!(fs::read(m.path("zeros")).unwrap(), vec![0u8; 1 << 20]);
+}
+
+#[test]
+fn random_io_matches_a_model_and_survives_remount() {
+    let vol = Volume::new();
+    let mut model: Vec<u8> = Vec::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    {
+        let m = vol.mount(&[]);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("f"))
+            .unwrap();
+        for _ in 0..400 {
+            match rng.gen_range(0..10) {
+                0..=5 => {
+                    let off = rng.gen_range(0..3 * 4096 * 4) as u64;
+                    let len = rng.gen_range(1..3 * 4096);
+                    let buf: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+                    f.write_all_at(&buf, off).unwrap();
+                    let end = off as usize + len;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..end].copy_from_slice(&buf);
+                }
+                6 | 7 => {
+                    let sizes = [
+                        0u64, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 8192, 8193, 20000, 49152,
+                    ];
+                    let s = sizes[rng.gen_range(0..sizes.len())];
+                    f.set_len(s).unwrap();
+                    model.resize(s as usize, 0);
+                }
+                _ => {
+                    let off = rng.gen_range(0..model.len() as u64 + 5000);
+                    let len = rng.gen_range(1..10000);
+                    let mut buf = vec![0u8; len];
+                    let n = read_at_full(&f, &mut buf, off);
+                    let want: &[u8] = if off as usize >= model.len() {
+                        &[]
+                    } else {
+                        &model[off as usize..(off as usize + len).min(model.len())]
+                    };
+                    assert_eq!(&buf[..n], want, "read at {off} len {len}");
+                }
+            }
+            assert_eq!(f.metadata().unwrap().len(), model.len() as u64);
+        }
+        drop(f);
+        assert_eq!(fs::read(m.path("f")).unwrap(), model);
+    }
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), model);
+    let backing = fs::metadata(m.backing("f")).unwrap().len();
+    assert_eq!(
+        backing,
+        if model.is_empty() {
+            0
+        } else {
+            model.len() as u64 + 4096
+        }
+    );
+}
+
+fn read_at_full(f: &File, buf: &mut [u8], off: u64) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = f.read_at(&mut buf[n..], off + n as u64).unwrap();
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    n
+}
+
+#[test]
+fn truncate_across_sector_boundaries() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let sizes = [
+        0u64, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 8192, 8193, 12289,
+    ];
+    for &from in &sizes {
+        for &to in &sizes {
+            let p = m.path("t");
+            let content: Vec<u8> = (0..from).map(|i| (i % 251) as u8 + 1).collect();
+            fs::write(&p, &content).unwrap();
+            let f = OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(to).unwrap();
+            drop(f);
+            let got = fs::read(&p).unwrap();
+            let mut want = content.clone();
+            want.resize(to as usize, 0);
+            assert_eq!(got, want, "truncate {from} -> {to}");
+        }
+    }
+}
+
+#[test]
+fn append_trunc_and_excl() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let p = m.path("log");
+    for i in 0..50 {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&p)
+            .unwrap();
+        write!(f, "line {i}\n").unwrap();
+    }
+    let text = fs::read_to_string(&p).unwrap();
+    assert_eq!(text.lines().count(), 50);
+    assert!(text.ends_with("line 49\n"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    f.write_all(b"new").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"new");
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+}
+
+#[test]
+fn metadata_ops_dirs_links_symlinks_rename() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    fs::create_dir_all(m.path("a/b/c")).unwrap();
+    fs::write(m.path("a/b/c/f"), b"hello").unwrap();
+    let names: Vec<String> = fs::read_dir(m.path("a/b/c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["f"]);
+    // chmod, chown, utimens
+    fs::set_permissions(m.path("a/b/c/f"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(m.path("a/b/c/f"), Some(1234), Some(4321)).unwrap();
+    let md = fs::metadata(m.path("a/b/c/f")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    assert_eq!((md.uid(), md.gid()), (1234, 4321));
+    let bmd = fs::metadata(m.backing("a/b/c/f")).unwrap();
+    assert_eq!(
+        (bmd.uid(), bmd.gid(), bmd.mode() & 0o7777),
+        (1234, 4321, 0o640)
+    );
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(m.path("a/b/c/f"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    assert_eq!(
+        fs::metadata(m.path("a/b/c/f")).unwrap().modified().unwrap(),
+        t
+    );
+    // hard link keeps content, link count and header
+    fs::hard_link(m.path("a/b/c/f"), m.path("a/hl")).unwrap();
+    assert_eq!(fs::metadata(m.path("a/hl")).unwrap().nlink(), 2);
+    OpenOptions::new()
+        .write(true)
+        .open(m.path("a/hl"))
+        .unwrap()
+        .write_all_at(b"J", 0)
+        .unwrap();
+    assert_eq!(fs::read(m.path("a/b/c/f")).unwrap(), b"Jello");
+    assert_eq!(
+        fs::metadata(m.backing("a/hl")).unwrap().ino(),
+        fs::metadata(m.backing("a/b/c/f")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::metadata(m.path("a/hl")).unwrap().ino(),
+        fs::metadata(m.path("a/b/c/f")).unwrap().ino()
+    );
+    // symlink / readlink
+    std::os::unix::fs::symlink("b/c/f", m.path("a/sl")).unwrap();
+    assert_eq!(
+        fs::read_link(m.path("a/sl")).unwrap().to_str().unwrap(),
+        "b/c/f"
+    );
+    assert_eq!(fs::read(m.path("a/sl")).unwrap(), b"Jello");
+    // rename (plain, over an existing file, NOREPLACE, EXCHANGE)
+    fs::write(m.path("x"), b"xx").unwrap();
+    fs::write(m.path("y"), b"yyy").unwrap();
+    let root = File::open(&vol.mnt).unwrap();
+    let e = rustix::fs::renameat_with(&root, "x", &root, "y", rustix::fs::RenameFlags::NOREPLACE)
+        .unwrap_err();
+    assert_eq!(e, rustix::io::Errno::EXIST);
+    rustix::fs::renameat_with(&root, "x", &root, "y", rustix::fs::RenameFlags::EXCHANGE).unwrap();
+    assert_eq!(fs::read(m.path("x")).unwrap(), b"yyy");
+    assert_eq!(fs::read(m.path("y")).unwrap(), b"xx");
+    fs::rename(m.path("x"), m.path("y")).unwrap();
+    assert_eq!(fs::read(m.path("y")).unwrap(), b"yyy");
+    assert!(!m.path("x").exists());
+    fs::rename(m.path("a/b"), m.path("moved")).unwrap();
+    assert_eq!(fs::read(m.path("moved/c/f")).unwrap(), b"Jello");
+    // unlink / rmdir
+    fs::remove_file(m.path("moved/c/f")).unwrap();
+    assert_eq!(fs::metadata(m.path("a/hl")).unwrap().nlink(), 1);
+    fs::remove_dir(m.path("moved/c")).unwrap();
+    assert_eq!(
+        fs::remove_dir(m.path("a")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    // statfs
+    let s = rustix::fs::statvfs(&vol.mnt).unwrap();
+    assert!(s.f_blocks > 0 && s.f_bsize > 0);
+    // fsyncdir
+    File::open(m.path("a")).unwrap().sync_all().unwrap();
+}
+
+#[test]
+fn config_is_invisible_and_cannot_be_created() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    assert!(!m.path("earfs.conf").exists());
+    let names: Vec<_> = fs::read_dir(&vol.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    let e = fs::write(m.path("earfs.conf"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        fs::create_dir(m.path("earfs.conf"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    fs::write(m.path("other"), b"x").unwrap();
+    assert_eq!(
+        fs::rename(m.path("other"), m.path("earfs.conf"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // Allowed below the root.
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/earfs.conf"), b"fine").unwrap();
+    assert!(
+        fs::read_to_string(vol.backing.join("earfs.conf"))
+            .unwrap()
+            .contains("volume_id")
+    );
+}
+
+#[test]
+fn fallocate_punch_hole_and_seek_data_hole() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .open(m.path("f"))
+        .unwrap();
+    // mode 0 grows the file with zeros
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 40000).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 40000);
+    let mut buf = vec![1u8; 40000];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    // KEEP_SIZE does not change the size
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::KEEP_SIZE, 0, 100000).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 40000);
+    // data, then punch a hole with unaligned edges
+    let data: Vec<u8> = (0..40000u32).map(|i| (i % 200) as u8 + 1).collect();
+    f.write_all_at(&data, 0).unwrap();
+    rustix::fs::fallocate(
+        &f,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        5000,
+        20000,
+    )
+    .unwrap();
+    let mut got = vec![0u8; 40000];
+    f.read_exact_at(&mut got, 0).unwrap();
+    let mut want = data.clone();
+    want[5000..25000].fill(0);
+    assert_eq!(got, want);
+    assert_eq!(f.metadata().unwrap().len(), 40000);
+    // SEEK_HOLE/SEEK_DATA: sectors 2..=5 (plaintext 8192..24576) are whole holes
+    let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0)).unwrap();
+    assert_eq!(hole, 8192);
+    let data_at = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(8192)).unwrap();
+    assert_eq!(data_at, 24576);
+    assert_eq!(
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(30000)).unwrap(),
+        40000
+    );
+    assert_eq!(
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(40000)).unwrap_err(),
+        rustix::io::Errno::NXIO
+    );
+    // Unsupported modes are refused, not faked.
+    let e =
+        rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::COLLAPSE_RANGE, 0, 4096).unwrap_err();
+    assert!(
+        e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL,
+        "{e:?}"
+    );
+}
+
+#[test]
+fn o_direct_aligned_io_passes_through() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let p = m.path("direct");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    #[repr(C, align(4096))]
+    struct Page([u8; 8192]);
+    let mut page = Box::new(Page([0u8; 8192]));
+    for (i, b) in page.0.iter_mut().enumerate() {
+        *b = (i % 97) as u8;
+    }
+    f.write_all_at(&page.0, 8192).unwrap();
+    let mut back = Box::new(Page([0u8; 8192]));
+    f.read_exact_at(&mut back.0, 8192).unwrap();
+    assert_eq!(&back.0[..], &page.0[..]);
+    // Unaligned I/O on an O_DIRECT handle still works (bounce through the normal path).
+    f.seek(SeekFrom::Start(3)).unwrap();
+    let mut small = [0u8; 5];
+    f.read_exact(&mut small).unwrap();
+    assert_eq!(small, [0, 0, 0, 0, 0]);
+    drop(f);
+    let all = fs::read(&p).unwrap();
+    assert_eq!(&all[8192..], &page.0[..]);
+    // O_DIRECT on a read-only open is never EINVAL.
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+}
+
+#[test]
+fn mmap_shared_writable() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let p = m.path("mm");
+    fs::write(&p, vec![b'a'; 10000]).unwrap();
+    python(
+        "import mmap,sys\nf=open(sys.argv[1],'r+b')\nmm=mmap.mmap(f.fileno(),0)\nmm[5000:5005]=b'HELLO'\nmm[0:1]=b'Z'\nmm.flush()\nmm.close()\nf.close()",
+        &[p.to_str().unwrap()],
+    );
+    let got = fs::read(&p).unwrap();
+    assert_eq!(&got[5000..5005], b"HELLO");
+    assert_eq!(got[0], b'Z');
+    assert_eq!(got.len(), 10000);
+    drop(m);
+    let m = vol.mount(&[]);
+    let got = fs::read(m.path("mm")).unwrap();
+    assert_eq!(&got[5000..5005], b"HELLO");
+}
+
+#[test]
+fn user_xattrs_only() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let p = m.path("x");
+    fs::write(&p, b"x").unwrap();
+    rustix::fs::setxattr(&p, "user.db", b"v1", rustix::fs::XattrFlags::empty()).unwrap();
+    let mut buf = [0u8; 16];
+    let n = rustix::fs::getxattr(&p, "user.db", &mut buf[..]).unwrap();
+    assert_eq!(&buf[..n], b"v1");
+    let mut list = [0u8; 256];
+    let n = rustix::fs::listxattr(&p, &mut list[..]).unwrap();
+    assert_eq!(&list[..n], b"user.db\0");
+    assert_eq!(
+        rustix::fs::getxattr(&p, "user.none", &mut buf[..]).unwrap_err(),
+        rustix::io::Errno::NODATA
+    );
+    assert_eq!(
+        rustix::fs::setxattr(&p, "trusted.x", b"v", rustix::fs::XattrFlags::empty()).unwrap_err(),
+        rustix::io::Errno::OPNOTSUPP
+    );
+    rustix::fs::removexattr(&p, "user.db").unwrap();
+    assert_eq!(rustix::fs::listxattr(&p, &mut list[..]).unwrap(), 0);
+}
+
+#[test]
+fn posix_and_flock_locks_conflict_between_processes() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let p = m.path("lockfile");
+    fs::write(&p, b"lock").unwrap();
+    let holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys\nf=open(sys.argv[1],'r+')\nfcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\ng=open(sys.argv[1],'r')\nfcntl.flock(g,fcntl.LOCK_EX|fcntl.LOCK_NB)\nprint('locked',flush=True)\nsys.stdin.read()")
+        .arg(&p)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = holder;
+    let mut line = [0u8; 7];
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"locked\n");
+    let out = python(
+        "import fcntl,sys,errno\nf=open(sys.argv[1],'r+')\ntry:\n  fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB); print('posix-got')\nexcept OSError as e: print('posix-busy', e.errno in (errno.EAGAIN, errno.EACCES))\ng=open(sys.argv[1],'r')\ntry:\n  fcntl.flock(g,fcntl.LOCK_EX|fcntl.LOCK_NB); print('flock-got')\nexcept OSError as e: print('flock-busy', e.errno==errno.EWOULDBLOCK)",
+        &[p.to_str().unwrap()],
+    );
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    assert_eq!(out, "posix-busy True\nflock-busy True\n");
+    let out = python(
+        "import fcntl,sys\nf=open(sys.argv[1],'r+')\nfcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\nprint('ok')",
+        &[p.to_str().unwrap()],
+    );
+    assert_eq!(out, "ok\n");
+}
+
+#[test]
+fn fsync_and_fdatasync_reach_the_backing_file() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        panic!("strace is required (scripts/test.sh installs it)");
+    }
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let pid = daemon_pid(&vol);
+    let trace = vol.dir.path().join("trace");
+    let mut st = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-e",
+            "trace=fsync,fdatasync",
+            "-o",
+            trace.to_str().unwrap(),
+            "-p",
+            &pid.to_string(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until strace reports it is attached.
+    let mut err = st.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    while !contains(&seen, b"attached") {
+        if err.read(&mut b).unwrap() == 0 {
+            break;
+        }
+        seen.push(b[0]);
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .open(m.path("wal"))
+        .unwrap();
+    f.write_all_at(b"commit", 0).unwrap();
+    f.sync_data().unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(st.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    );
+    st.wait().unwrap();
+    let text = fs::read_to_string(&trace).unwrap();
+    assert_eq!(text.matches("fdatasync(").count(), 1, "{text}");
+    assert_eq!(text.matches("fsync(").count(), 1, "{text}");
+}
+
+fn daemon_pid(vol: &Volume) -> u32 {
+    let needle = vol.backing.to_str().unwrap().to_string();
+    for e in fs::read_dir("/proc").unwrap() {
+        let e = e.unwrap();
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("--foreground") && cmd.contains(&needle) {
+            return pid;
+        }
+    }
+    panic!("daemon not found");
+}
+
+#[test]
+fn reader_sees_old_or_new_file_whole_across_rename() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let target = m.path("current");
+    fs::write(&target, vec![b'0'; 10000]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = {
+        let target = target.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = fs::read(&target).unwrap();
+                let c = data[0];
+                let want_len = 10000 + (c - b'0') as usize * 777;
+                assert_eq!(data.len(), want_len, "size of version {}", c as char);
+                assert!(data.iter().all(|&b| b == c), "mixed content");
+                n += 1;
+            }
+            n
+        })
+    };
+    for v in 1..=9u8 {
+        let tmp = m.path("tmp");
+        fs::write(&tmp, vec![b'0' + v; 10000 + v as usize * 777]).unwrap();
+        fs::rename(&tmp, &target).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(t.join().unwrap() > 0);
+}
+
+#[test]
+fn damaged_header_gives_eio_for_that_file_only() {
+    let vol = Volume::new();
+    {
+        let m = vol.mount(&[]);
+        fs::write(m.path("good"), b"good data").unwrap();
+        fs::write(m.path("bad"), b"bad data").unwrap();
+        fs::write(m.path("short"), b"short").unwrap();
+    }
+    let mut h = fs::read(vol.backing.join("bad")).unwrap();
+    h[20] ^= 0xff;
+    fs::write(vol.backing.join("bad"), h).unwrap();
+    fs::write(vol.backing.join("short"), b"tiny").unwrap();
+    fs::write(vol.backing.join("foreign"), vec![7u8; 5000]).unwrap();
+    let m = vol.mount(&[]);
+    for name in ["bad", "short", "foreign"] {
+        let e = fs::read(m.path(name)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}");
+    }
+    assert_eq!(fs::read(m.path("good")).unwrap(), b"good data");
+    fs::write(m.path("new"), b"still works").unwrap();
+    assert_eq!(fs::read(m.path("new")).unwrap(), b"still works");
+    let log = vol.log_text();
+    for name in ["bad", "short", "foreign"] {
+        let p = vol.backing.join(name);
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains(&format!("path={} ", p.display())))
+                .count(),
+            1,
+            "one line for {name} in:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn allow_other_uses_caller_ids_and_kernel_permissions() {
+    let vol = Volume::new();
+    // The temp dir must be traversable by the other user.
+    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = vol.mount(&["--allow-other"]);
+    fs::create_dir(m.path("shared")).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(m.path("secret"), b"root only").unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let sh = |cmd: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                cmd,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = sh(&format!("cat {}", m.path("secret").display()));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = sh(&format!(
+        "echo hi > {0}/f && mkdir {0}/d",
+        m.path("shared").display()
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in ["shared/f", "shared/d"] {
+        let md = fs::metadata(m.path(n)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (65534, 65534), "{n}");
+    }
+}
+
+#[test]
+fn mount_failures_have_their_own_exit_codes() {
+    let vol = Volume::new();
+    // Not a volume.
+    let plain = vol.dir.path().join("plain");
+    fs::create_dir(&plain).unwrap();
+    let out = run(&["mount", plain.to_str().unwrap(), vol.mnt.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(10));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an earfs volume"));
+    // Non-empty mountpoint.
+    let full = vol.dir.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("x"), b"x").unwrap();
+    let out = run(&[
+        "mount",
+        vol.backing.to_str().unwrap(),
+        full.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(16),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Missing mountpoint.
+    let out = run(&[
+        "mount",
+        vol.backing.to_str().unwrap(),
+        "/nonexistent/earfs-mnt",
+    ]);
+    assert_eq!(out.status.code(), Some(19));
+    {
+        let _m = vol.mount(&[]);
+        // Second mount of the same volume elsewhere: refused by the lock.
+        let other = vol.dir.path().join("mnt2");
+        fs::create_dir(&other).unwrap();
+        let out = run(&[
+            "mount",
+            vol.backing.to_str().unwrap(),
+            other.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(18),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!is_mounted(&other));
+        // Mountpoint that already is a mount.
+        let out = vol.try_mount(&[]);
+        assert_eq!(
+            out.status.code(),
+            Some(17),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Key file readable by others.
+    fs::set_permissions(&vol.key, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = vol.try_mount(&[]);
+    assert_eq!(out.status.code(), Some(13));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    fs::set_permissions(&vol.key, fs::Permissions::from_mode(0o600)).unwrap();
+    // Wrong key file.
+    let saved = fs::read(&vol.key).unwrap();
+    let other = vol.dir.path().join("otherkey");
+    assert!(
+        run(&[
+            "init",
+            "--kms",
+            "local",
+            "--key-file",
+            other.to_str().unwrap(),
+            vol.dir.path().join("v2").to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    fs::copy(&other, &vol.key).unwrap();
+    let out = vol.try_mount(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(14),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(&vol.key, &saved).unwrap();
+    // Missing key file.
+    fs::rename(&vol.key, vol.dir.path().join("moved-key")).unwrap();
+    let out = vol.try_mount(&[]);
+    assert_eq!(out.status.code(), Some(12));
+    fs::rename(vol.dir.path().join("moved-key"), &vol.key).unwrap();
+    // Changed earfs.conf.
+    let conf = vol.backing.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let changed = text.replace("volume_id = \"", "volume_id = \"0");
+    fs::write(&conf, changed).unwrap();
+    let out = vol.try_mount(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(15),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(&conf, text).unwrap();
+    // And it mounts again once all is right.
+    let _m = vol.mount(&[]);
+}
+
+#[test]
+fn umount_of_a_non_earfs_path_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = run(&["umount", d.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(22));
+}
+
+#[test]
+fn enospc_reaches_the_caller_and_the_volume_recovers() {
+    let d = tempfile::tempdir().unwrap();
+    let small = d.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let key = d.path().join("key");
+    let backing = small.join("vol");
+    let mnt = d.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    assert!(
+        run(&[
+            "init",
+            "--kms",
+            "local",
+            "--key-file",
+            key.to_str().unwrap(),
+            backing.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        run(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()])
+            .status
+            .success()
+    );
+    struct M(std::path::PathBuf);
+    impl Drop for M {
+        fn drop(&mut self) {
+            force_unmount(&self.0);
+        }
+    }
+    let _m = M(mnt.clone());
+    fs::write(mnt.join("filler"), vec![1u8; 1 << 20]).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    let chunk: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    let mut written = 0usize;
+    let err = loop {
+        match f.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    drop(f);
+    let got = fs::read(mnt.join("big")).unwrap();
+    assert_eq!(got.len(), written, "no bytes past what write() reported");
+    for (i, c) in got.chunks(chunk.len()).enumerate() {
+        assert_eq!(c, &chunk[..c.len()], "chunk {i}");
+    }
+    fs::remove_file(mnt.join("filler")).unwrap();
+    // The backing file goes away once the kernel forgets the inode (asynchronously).
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    let mut tries = 0;
+    while let Err(e) = f.write_all(&chunk) {
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        tries += 1;
+        assert!(tries < 100, "space never came back");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(f);
+    assert_eq!(
+        fs::metadata(mnt.join("big")).unwrap().len() as usize,
+        written + chunk.len()
+    );
+}
