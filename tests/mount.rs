@@ -151,9 +151,10 @@ fn append_trunc_and_excl() {
         let mut f = OpenOptions::new()
             .append(true)
             .create(true)
+            .truncate(false)
             .open(&p)
             .unwrap();
-        write!(f, "line {i}\n").unwrap();
+        writeln!(f, "line {i}").unwrap();
     }
     let text = fs::read_to_string(&p).unwrap();
     assert_eq!(text.lines().count(), 50);
@@ -306,6 +307,7 @@ fn fallocate_punch_hole_and_seek_data_hole() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .open(m.path("f"))
         .unwrap();
     // mode 0 grows the file with zeros
@@ -364,6 +366,7 @@ fn o_direct_aligned_io_passes_through() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .custom_flags(libc::O_DIRECT)
         .open(&p)
         .unwrap();
@@ -514,6 +517,7 @@ fn fsync_and_fdatasync_reach_the_backing_file() {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(false)
         .open(m.path("wal"))
         .unwrap();
     f.write_all_at(b"commit", 0).unwrap();
@@ -827,6 +831,7 @@ fn enospc_reaches_the_caller_and_the_volume_recovers() {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(false)
         .open(mnt.join("big"))
         .unwrap();
     let chunk: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
