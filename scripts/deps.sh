@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing earfs needs on Debian: FUSE 3, strace (the fsync
+# test traces the daemon), util-linux (setpriv), OpenSSL (the speed comparison),
+# Python 3 (mmap and lock tests). Idempotent and quick when all is there.
+set -euo pipefail
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v strace >/dev/null || need+=(strace)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v openssl >/dev/null || need+=(openssl)
+command -v python3 >/dev/null || need+=(python3)
+command -v xxd >/dev/null || need+=(xxd)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+  echo "deps: /dev/fuse is missing; load the fuse module (modprobe fuse)" >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null; then
+  echo "deps: cargo (Rust) is required" >&2
+  exit 1
+fi

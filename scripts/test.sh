@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the test dependencies and runs every test tier:
+#   1. static checks: cargo fmt, clippy, the layering check;
+#   2. unit and fs/ tests without a mount, and the format-v1 fixtures;
+#   3. real-mount tests of every operation (tests/mount.rs);
+#   4. peers' suites and real databases on a real mount (scripts/tier3/): fsx,
+#      pjdfstest (compared with gocryptfs), PostgreSQL, RocksDB, SQLite;
+#   and reports the XTS speed ratio against OpenSSL (a benchmark, not a pass/fail test).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+start=$(date +%s)
+step() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+
+step "dependencies"
+scripts/deps.sh
+scripts/deps-tier3.sh
+
+step "static checks"
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+scripts/check-layering.sh
+
+step "build"
+cargo build --release --all-targets
+
+step "unit, fs and real-mount tests"
+cargo test --release -- --test-threads=4
+
+step "speed: earfs vs openssl (benchmark, reported only)"
+EARFS_SPEED_CMD="$repo/target/release/earfs speed --json" scripts/speed-vs-openssl.sh || echo "speed ratio below target (see above); not a test failure on a shared machine"
+
+step "tier 3: fsx, pjdfstest, PostgreSQL, RocksDB, SQLite on earfs"
+EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs scripts/tier3/all.sh
+
+if grep -E '^earfs:' /proc/mounts; then
+  echo "FAIL: earfs mounts left behind" >&2
+  exit 1
+fi
+step "all tiers passed"
