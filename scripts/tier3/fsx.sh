@@ -6,7 +6,7 @@
 #
 #   EARFS_FS         backend: earfs (default) | gocryptfs | raw
 #   FSX_SEEDS        space-separated seeds    (default: 4 fixed seeds)
-#   FSX_NUMOPS       operations per seed      (default: 20000)
+#   FSX_NUMOPS       operations per run       (default: 10000)
 #   FSX_FLEN         max file size per run    (default: 4 MiB; 256 KiB runs too)
 set -euo pipefail
 
@@ -16,7 +16,7 @@ source "$here/../lib/mountfs.sh"
 
 BACKEND="${EARFS_FS:-earfs}"
 read -r -a SEEDS <<<"${FSX_SEEDS:-1 42 4242 1234567}"
-NUMOPS="${FSX_NUMOPS:-20000}"
+NUMOPS="${FSX_NUMOPS:-10000}"
 FLEN="${FSX_FLEN:-4194304}"
 
 FSX="$(fs_tool fsx)"

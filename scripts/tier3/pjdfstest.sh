@@ -72,6 +72,8 @@ if [[ "$compare" == 1 ]]; then
 fi
 
 PJDFSTEST="$(fs_tool pjdfstest)"
+# Never let a stale result from an earlier run stand in for this one.
+rm -f "$RESULTS/pjdfstest-$BACKEND.count" "$RESULTS/pjdfstest-$BACKEND.status"
 getent passwd tests >/dev/null || die "dummy user 'tests' missing; run scripts/deps-tier3.sh"
 start=$SECONDS
 

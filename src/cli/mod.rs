@@ -198,17 +198,17 @@ fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
         ));
     };
     daemon::unmount(&mp)?;
-    if let Some(backing) = m.source.strip_prefix("earfs:") {
-        if !daemon::wait_unlocked(std::path::Path::new(backing), Duration::from_secs(30)) {
-            return Err(Failure::new(
-                exit::FAILURE,
-                format!(
-                    "unmounted {}, but its daemon still holds {} after 30 s",
-                    mp.display(),
-                    backing
-                ),
-            ));
-        }
+    if let Some(backing) = m.source.strip_prefix("earfs:")
+        && !daemon::wait_unlocked(std::path::Path::new(backing), Duration::from_secs(30))
+    {
+        return Err(Failure::new(
+            exit::FAILURE,
+            format!(
+                "unmounted {}, but its daemon still holds {} after 30 s",
+                mp.display(),
+                backing
+            ),
+        ));
     }
     Ok(())
 }
@@ -259,8 +259,7 @@ fn speed(json: bool, seconds: f64) -> Result<(), Failure> {
     if !(seconds > 0.0 && seconds <= 60.0) {
         return Err(Failure::new(exit::USAGE, "--seconds must be in (0, 60]"));
     }
-    let r = crate::crypto::speed::measure(Duration::from_secs_f64(seconds))
-        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let r = crate::crypto::speed::measure(Duration::from_secs_f64(seconds));
     if json {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
     } else {

@@ -11,6 +11,15 @@ pub struct FileCipher {
     cipher: SectorCipher,
 }
 
+/// Sectors shorter than this are never holes: a short tail is always stored encrypted,
+/// because n all-zero bytes would be a real ciphertext with probability 2^-8n.
+pub const MIN_HOLE_LEN: usize = 16;
+
+/// Whether stored sector bytes are a hole (read as zeros without decryption).
+pub fn is_hole(stored: &[u8]) -> bool {
+    stored.len() >= MIN_HOLE_LEN && all_zero(stored)
+}
+
 fn all_zero(s: &[u8]) -> bool {
     let mut chunks = s.chunks_exact(16);
     let body = chunks.by_ref().all(|c| {
@@ -25,7 +34,7 @@ impl FileCipher {
     pub(crate) fn new(key_version: u32, key: &XtsKey) -> Self {
         FileCipher {
             key_version,
-            cipher: SectorCipher::new(key),
+            cipher: SectorCipher::new(key.bytes()),
         }
     }
 
@@ -40,10 +49,10 @@ impl FileCipher {
     }
 
     /// Decrypt consecutive sectors from `first` in place; the last may be short. A
-    /// sector whose ciphertext is all zeros is a hole and reads as zeros.
+    /// sector of 16 bytes or more whose ciphertext is all zeros is a hole and reads as zeros.
     pub fn decrypt(&self, first: SectorNo, buf: &mut [u8]) {
         for (i, s) in buf.chunks_mut(SECTOR as usize).enumerate() {
-            if !all_zero(s) {
+            if !is_hole(s) {
                 self.cipher.decrypt_sector(first.0 + i as u64, s);
             }
         }
@@ -67,5 +76,9 @@ mod tests {
         let mut hole = vec![0u8; 4096 + 17];
         c.decrypt(SectorNo(7), &mut hole);
         assert!(all_zero(&hole));
+        // A stored short tail of zeros is real ciphertext, never a hole.
+        let mut tail = vec![0u8; 15];
+        c.decrypt(SectorNo(0), &mut tail);
+        assert!(!all_zero(&tail));
     }
 }

@@ -6,7 +6,7 @@ mod header;
 mod keyring;
 mod layout;
 
-pub use codec::FileCipher;
+pub use codec::{FileCipher, MIN_HOLE_LEN, is_hole};
 pub use header::{FORMAT_VERSION, HeaderError, MAGIC, decode_header, encode_header, new_header};
 pub use keyring::Keyring;
 pub use layout::{

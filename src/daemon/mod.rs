@@ -329,16 +329,15 @@ fn harden_process() {
     // Every inode the kernel holds is an O_PATH descriptor: allow as many as we may.
     if let Ok(lim) = Ok::<_, ()>(rustix::process::getrlimit(
         rustix::process::Resource::Nofile,
-    )) {
-        if let Some(max) = lim.maximum {
-            let _ = rustix::process::setrlimit(
-                rustix::process::Resource::Nofile,
-                rustix::process::Rlimit {
-                    current: Some(max),
-                    maximum: Some(max),
-                },
-            );
-        }
+    )) && let Some(max) = lim.maximum
+    {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
+        );
     }
 }
 

@@ -14,8 +14,9 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
 use crate::content::{
-    FileCipher, HEADER_LEN, Keyring, SECTOR, SectorNo, SectorSpan, backing_size_to_plain_size,
-    decode_header, new_header, plain_off_to_sector, plain_size_to_backing_size, sector_len,
+    FileCipher, HEADER_LEN, Keyring, MIN_HOLE_LEN, SECTOR, SectorNo, SectorSpan,
+    backing_size_to_plain_size, decode_header, is_hole, new_header, plain_off_to_sector,
+    plain_size_to_backing_size, sector_len,
 };
 use crate::sys::AlignedBuf;
 
@@ -184,7 +185,7 @@ pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8]
     let span_len = (span.count() * SECTOR) as usize;
     let want = (span.end.plain_start().min(size) - span.plain_start()) as usize;
     with_buf(span_len, |buf| {
-        let aligned = off % SECTOR == 0 && u64::from(len) % SECTOR == 0;
+        let aligned = off.is_multiple_of(SECTOR) && u64::from(len) % SECTOR == 0;
         let n = match (io.direct, aligned) {
             (Some(d), true) => pread_full(d, buf, span.first.backing_offset())?,
             _ => pread_full(io.file, &mut buf[..want], span.first.backing_offset())?,
@@ -226,8 +227,9 @@ fn read_sector(
 }
 
 /// Re-encrypt sector `s` for a size change from `old` to `new` bytes of file size:
-/// bytes past the old end become zeros, bytes past the new end are dropped. Returns
-/// (backing offset, old ciphertext) to undo it.
+/// bytes past the old end become zeros, bytes past the new end are dropped. A sector
+/// that did not exist before (`old` ends before it) is written as encrypted zeros if it
+/// is shorter than a hole may be. Returns (backing offset, old stored bytes) to undo it.
 fn reencode_sector(
     io: &Io<'_>,
     cipher: &FileCipher,
@@ -237,14 +239,27 @@ fn reencode_sector(
 ) -> FsResult<Option<(u64, Vec<u8>)>> {
     let old_len = sector_len(s, old);
     let new_len = sector_len(s, new);
-    if old_len == 0 || new_len == 0 || old_len == new_len {
+    if new_len == 0 || old_len == new_len {
         return Ok(None);
     }
     let mut sec = [0u8; SECTOR as usize];
-    let raw = read_sector(io, cipher, s, old_len, &mut sec)?;
-    if raw.iter().all(|&b| b == 0) {
-        // A hole stays a hole at any length.
-        return Ok(None);
+    let n = pread_full(io.file, &mut sec[..old_len], s.backing_offset())?;
+    if n < old_len {
+        return Err(FsError::Corrupt {
+            path: (io.path)(),
+            reason: format!("sector {} is {} bytes short", s.0, old_len - n),
+        });
+    }
+    let raw = sec[..old_len].to_vec();
+    // A missing or hole sector is zeros; at a length that may be a hole it stays one.
+    let hole = old_len == 0 || is_hole(&raw);
+    if hole {
+        if new_len >= MIN_HOLE_LEN {
+            return Ok(None);
+        }
+        sec[..old_len].fill(0);
+    } else {
+        cipher.decrypt(s, &mut sec[..old_len]);
     }
     if new_len > old_len {
         sec[old_len..new_len].fill(0);
@@ -252,6 +267,32 @@ fn reencode_sector(
     cipher.encrypt(s, &mut sec[..new_len]);
     pwrite_all(io.file, &sec[..new_len], s.backing_offset())?;
     Ok(Some((s.backing_offset(), raw)))
+}
+
+/// After a size change from `old` to `new`, re-encrypt what the format needs: the old
+/// last sector if it was short and changes length, and a new short last sector.
+fn reencode_edges(
+    io: &Io<'_>,
+    cipher: &FileCipher,
+    old: u64,
+    new: u64,
+) -> FsResult<Option<(u64, Vec<u8>)>> {
+    if new < old {
+        if new.is_multiple_of(SECTOR) {
+            return Ok(None);
+        }
+        return reencode_sector(io, cipher, plain_off_to_sector(new), old, new);
+    }
+    let mut undo = None;
+    if !old.is_multiple_of(SECTOR) {
+        undo = reencode_sector(io, cipher, plain_off_to_sector(old), old, new)?;
+    }
+    let last = plain_off_to_sector(new - 1);
+    if new > old && last.plain_start() >= old && sector_len(last, new) < MIN_HOLE_LEN {
+        // A new short tail beyond the old end: write it as encrypted zeros.
+        reencode_sector(io, cipher, last, old, new)?;
+    }
+    Ok(undo)
 }
 
 fn undo(io: &Io<'_>, tail: Option<(u64, Vec<u8>)>, backing_size: Option<u64>) {
@@ -297,22 +338,22 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
     } else {
         grows.then_some(old_backing)
     };
-    if grows {
-        if let Err(e) = reserve(
+    if grows
+        && let Err(e) = reserve(
             io,
             old_backing.max(span.first.backing_offset()),
             new_backing_end,
-        ) {
-            undo(io, None, rollback_size);
-            if !had_header {
-                c.cipher = None;
-            }
-            return Err(e);
+        )
+    {
+        undo(io, None, rollback_size);
+        if !had_header {
+            c.cipher = None;
         }
+        return Err(e);
     }
     // Growing past a short last sector: re-encrypt it at its new length first.
     let mut tail_undo = None;
-    if end > old && old % SECTOR != 0 {
+    if end > old && !old.is_multiple_of(SECTOR) {
         let t = plain_off_to_sector(old);
         if t < span.first {
             match reencode_sector(io, &cipher, t, old, new_size) {
@@ -349,7 +390,7 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
         }
         buf[data_start..data_end].copy_from_slice(data);
         cipher.encrypt(span.first, buf);
-        let direct_ok = off % SECTOR == 0 && buf_len as u64 % SECTOR == 0;
+        let direct_ok = off.is_multiple_of(SECTOR) && (buf_len as u64).is_multiple_of(SECTOR);
         match (io.direct, direct_ok) {
             (Some(d), true) => pwrite_all(d, buf, span.first.backing_offset()),
             _ => pwrite_all(io.file, buf, span.first.backing_offset()),
@@ -378,13 +419,7 @@ pub fn truncate(c: &mut Content, io: &Io<'_>, new: u64) -> FsResult<()> {
     let had_header = c.cipher.is_some();
     let cipher = ensure_header(c, io)?;
     let old = c.size;
-    let tail = if new < old && new % SECTOR != 0 {
-        reencode_sector(io, &cipher, plain_off_to_sector(new), old, new)?
-    } else if new > old && old % SECTOR != 0 {
-        reencode_sector(io, &cipher, plain_off_to_sector(old), old, new)?
-    } else {
-        None
-    };
+    let tail = reencode_edges(io, &cipher, old, new)?;
     if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(new)) {
         undo(io, tail, (!had_header).then_some(0));
         if !had_header {
@@ -430,11 +465,7 @@ pub fn fallocate(c: &mut Content, io: &Io<'_>, off: u64, len: u64, mode: i32) ->
         return Err(e.into());
     }
     let old = c.size;
-    let tail = if old % SECTOR != 0 {
-        reencode_sector(io, &cipher, plain_off_to_sector(old), old, end)?
-    } else {
-        None
-    };
+    let tail = reencode_edges(io, &cipher, old, end)?;
     if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(end)) {
         undo(io, tail, None);
         return Err(e.into());
@@ -457,9 +488,11 @@ fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
     let Some(span) = SectorSpan::covering(off, end - off) else {
         return Ok(());
     };
+    // A sector too short to be a hole is rewritten with encrypted zeros instead.
     let covered = |s: SectorNo| {
         let s_start = s.plain_start();
-        off <= s_start && end >= s_start + sector_len(s, size) as u64
+        let len = sector_len(s, size);
+        len >= MIN_HOLE_LEN && off <= s_start && end >= s_start + len as u64
     };
     let rmw = |s: SectorNo| -> FsResult<()> {
         let s_start = s.plain_start();
@@ -689,6 +722,42 @@ mod tests {
         assert!(raw[2 * 4096..3 * 4096].iter().any(|&b| b != 0));
         assert!(raw[3 * 4096..].iter().all(|&b| b == 0));
         assert_eq!(fx.read_all(&c), vec![0u8; 5 * 4096]);
+    }
+
+    #[test]
+    fn short_tails_are_never_stored_as_holes() {
+        for (from, to) in [
+            (0u64, 4u64),
+            (4096, 4100),
+            (8192, 4097),
+            (4096, 4111),
+            (0, 8195),
+        ] {
+            let fx = fixture();
+            let mut c = Content::default();
+            load(&mut c, &fx.io()).unwrap();
+            if from > 0 {
+                truncate(&mut c, &fx.io(), from).unwrap();
+            }
+            truncate(&mut c, &fx.io(), to).unwrap();
+            let tail = (to % 4096) as usize;
+            let mut raw = vec![0u8; tail];
+            pread_full(&fx.file, &mut raw, HEADER_LEN + to - tail as u64).unwrap();
+            assert!(
+                raw.iter().any(|&b| b != 0),
+                "{from}->{to}: short tail stored as zeros"
+            );
+            assert_eq!(fx.read_all(&c), vec![0u8; to as usize]);
+        }
+        // Punching a short tail rewrites it encrypted.
+        let fx = fixture();
+        let mut c = Content::default();
+        load(&mut c, &fx.io()).unwrap();
+        write(&mut c, &fx.io(), 0, &[7u8; 4100]).unwrap();
+        fallocate(&mut c, &fx.io(), 4096, 4, PUNCH_HOLE | KEEP_SIZE).unwrap();
+        let mut want = vec![7u8; 4096];
+        want.extend_from_slice(&[0u8; 4]);
+        assert_eq!(fx.read_all(&c), want);
     }
 
     #[test]

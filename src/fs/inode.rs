@@ -144,10 +144,8 @@ impl InodeTable {
             }
             None => false,
         };
-        if gone {
-            if let Some((inode, _)) = t.by_id.remove(&id) {
-                t.by_key.remove(&inode.key);
-            }
+        if gone && let Some((inode, _)) = t.by_id.remove(&id) {
+            t.by_key.remove(&inode.key);
         }
     }
 

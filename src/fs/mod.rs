@@ -220,12 +220,11 @@ impl EarFs {
         let st = rustix::fs::fstat(&inode.fd)?;
         let mut attr = self.attr_of(&st);
         // While the file's content is loaded, its size is ours (mid-write backing sizes never show).
-        if inode.kind == FileKind::File {
-            if let Some(c) = inode.content.try_read() {
-                if c.is_loaded() {
-                    attr.size = c.size();
-                }
-            }
+        if inode.kind == FileKind::File
+            && let Some(c) = inode.content.try_read()
+            && c.is_loaded()
+        {
+            attr.size = c.size();
         }
         Ok(attr)
     }
@@ -246,10 +245,10 @@ impl EarFs {
         let kind = FileKind::from_mode(st.st_mode);
         let inode = self.inodes.remember((st.st_dev, st.st_ino), fd, kind)?;
         let mut attr = self.attr_of(&st);
-        if let Some(c) = inode.content.try_read() {
-            if c.is_loaded() {
-                attr.size = c.size();
-            }
+        if let Some(c) = inode.content.try_read()
+            && c.is_loaded()
+        {
+            attr.size = c.size();
         }
         Ok((inode, attr))
     }

@@ -2,6 +2,9 @@
 
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+pub mod aes_x86;
+
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
@@ -84,6 +87,16 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         self.free();
     }
+}
+
+/// CPU time used so far by the calling thread (for throughput measurements that
+/// should not count time the thread was preempted), or `None` if unavailable.
+pub fn thread_cpu_time() -> Option<std::time::Duration> {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Some(std::time::Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
 }
 
 /// Take ownership of a descriptor inherited from the parent process (the readiness
