@@ -27,6 +27,9 @@ cargo build --release --all-targets
 step "unit, fs and real-mount tests"
 cargo test --release -- --test-threads=4
 
+step "real-mount tests again with the FUSE writeback cache"
+EARFS_TEST_MOUNT_ARGS=--writeback-cache cargo test --release --test mount -- --test-threads=4
+
 step "speed: earfs vs openssl (benchmark, reported only)"
 EARFS_SPEED_CMD="$repo/target/release/earfs speed --json" scripts/speed-vs-openssl.sh || echo "speed ratio below target (see above); not a test failure on a shared machine"
 
