@@ -265,6 +265,33 @@ fn metadata_ops_dirs_links_symlinks_rename() {
 }
 
 #[test]
+fn modes_are_the_callers_after_its_umask_only() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 0; mkdir {0}/d; touch {0}/f; umask 027; mkdir {0}/d2; touch {0}/f2",
+            vol.mnt.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    for (n, want) in [("d", 0o777), ("f", 0o666), ("d2", 0o750), ("f2", 0o640)] {
+        assert_eq!(
+            fs::metadata(m.path(n)).unwrap().mode() & 0o7777,
+            want,
+            "{n}"
+        );
+        assert_eq!(
+            fs::metadata(m.backing(n)).unwrap().mode() & 0o7777,
+            want,
+            "backing {n}"
+        );
+    }
+}
+
+#[test]
 fn config_is_invisible_and_cannot_be_created() {
     let vol = Volume::new();
     let m = vol.mount(&[]);

@@ -323,14 +323,15 @@ pub fn wait_unlocked(backing: &Path, deadline: Duration) -> bool {
     }
 }
 
-fn harden_process() {
+fn prepare_process() {
+    // The kernel has applied the caller's umask to every mode it sends; ours must not
+    // apply again when the backing objects are created.
+    rustix::process::umask(rustix::fs::Mode::empty());
     // No core dumps: the process holds key material.
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     // Every inode the kernel holds is an O_PATH descriptor: allow as many as we may.
-    if let Ok(lim) = Ok::<_, ()>(rustix::process::getrlimit(
-        rustix::process::Resource::Nofile,
-    )) && let Some(max) = lim.maximum
-    {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = lim.maximum {
         let _ = rustix::process::setrlimit(
             rustix::process::Resource::Nofile,
             rustix::process::Rlimit {
@@ -357,7 +358,7 @@ pub fn serve(req: &MountRequest) -> Result<(), Failure> {
 }
 
 fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
-    harden_process();
+    prepare_process();
     let backing = std::fs::canonicalize(&req.backing)
         .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
     let cfg = VolumeConfig::load(&backing)?;
