@@ -412,6 +412,28 @@ fn o_direct_aligned_io_passes_through() {
     let mut small = [0u8; 5];
     f.read_exact(&mut small).unwrap();
     assert_eq!(small, [0, 0, 0, 0, 0]);
+    // The daemon holds an O_DIRECT descriptor of the backing file for this handle.
+    let pid = daemon_pid(&vol);
+    let backing = m.backing("direct");
+    let direct_fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| fs::read_link(e.path()).ok().as_deref() == Some(backing.as_path()))
+        .filter(|e| {
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|v| i32::from_str_radix(v.trim(), 8).unwrap())
+                .unwrap_or(0);
+            flags & libc::O_DIRECT != 0
+        })
+        .count();
+    assert_eq!(direct_fds, 1, "one O_DIRECT backing descriptor");
     drop(f);
     let all = fs::read(&p).unwrap();
     assert_eq!(&all[8192..], &page.0[..]);
