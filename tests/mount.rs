@@ -714,69 +714,58 @@ fn allow_other_uses_caller_ids_and_kernel_permissions() {
 #[test]
 fn mount_failures_have_their_own_exit_codes() {
     let vol = Volume::new();
+    let backing = vol.backing.to_str().unwrap();
+    // Exit code and stderr of `earfs mount BACKING MOUNTPOINT`.
+    let mount_code = |backing: &str, mnt: &std::path::Path| {
+        let out = run(&["mount", backing, mnt.to_str().unwrap()]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let code = |out: std::process::Output| {
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     // Not a volume.
     let plain = vol.dir.path().join("plain");
     fs::create_dir(&plain).unwrap();
-    let out = run(&["mount", plain.to_str().unwrap(), vol.mnt.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(10));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not an earfs volume"));
+    let (c, err) = mount_code(plain.to_str().unwrap(), &vol.mnt);
+    assert_eq!(c, Some(10), "{err}");
+    assert!(err.contains("not an earfs volume"));
     // Non-empty mountpoint.
     let full = vol.dir.path().join("full");
     fs::create_dir(&full).unwrap();
     fs::write(full.join("x"), b"x").unwrap();
-    let out = run(&[
-        "mount",
-        vol.backing.to_str().unwrap(),
-        full.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(16),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (c, err) = mount_code(backing, &full);
+    assert_eq!(c, Some(16), "{err}");
     // Missing mountpoint.
-    let out = run(&[
-        "mount",
-        vol.backing.to_str().unwrap(),
-        "/nonexistent/earfs-mnt",
-    ]);
-    assert_eq!(out.status.code(), Some(19));
+    let (c, err) = mount_code(backing, std::path::Path::new("/nonexistent/earfs-mnt"));
+    assert_eq!(c, Some(19), "{err}");
     {
         let _m = vol.mount(&[]);
         // Second mount of the same volume elsewhere: refused by the lock.
         let other = vol.dir.path().join("mnt2");
         fs::create_dir(&other).unwrap();
-        let out = run(&[
-            "mount",
-            vol.backing.to_str().unwrap(),
-            other.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(18),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (c, err) = mount_code(backing, &other);
+        assert_eq!(c, Some(18), "{err}");
         assert!(!is_mounted(&other));
         // Mountpoint that already is a mount.
-        let out = vol.try_mount(&[]);
-        assert_eq!(
-            out.status.code(),
-            Some(17),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (c, err) = code(vol.try_mount(&[]));
+        assert_eq!(c, Some(17), "{err}");
     }
     // Key file readable by others.
     fs::set_permissions(&vol.key, fs::Permissions::from_mode(0o644)).unwrap();
-    let out = vol.try_mount(&[]);
-    assert_eq!(out.status.code(), Some(13));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    let (c, err) = code(vol.try_mount(&[]));
+    assert_eq!(c, Some(13), "{err}");
+    assert!(err.contains("chmod 600"));
     fs::set_permissions(&vol.key, fs::Permissions::from_mode(0o600)).unwrap();
     // Wrong key file.
     let saved = fs::read(&vol.key).unwrap();
     let other = vol.dir.path().join("otherkey");
+    let v2 = vol.dir.path().join("v2");
     assert!(
         run(&[
             "init",
@@ -784,37 +773,26 @@ fn mount_failures_have_their_own_exit_codes() {
             "local",
             "--key-file",
             other.to_str().unwrap(),
-            vol.dir.path().join("v2").to_str().unwrap()
+            v2.to_str().unwrap()
         ])
         .status
         .success()
     );
     fs::copy(&other, &vol.key).unwrap();
-    let out = vol.try_mount(&[]);
-    assert_eq!(
-        out.status.code(),
-        Some(14),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (c, err) = code(vol.try_mount(&[]));
+    assert_eq!(c, Some(14), "{err}");
     fs::write(&vol.key, &saved).unwrap();
     // Missing key file.
     fs::rename(&vol.key, vol.dir.path().join("moved-key")).unwrap();
-    let out = vol.try_mount(&[]);
-    assert_eq!(out.status.code(), Some(12));
+    let (c, err) = code(vol.try_mount(&[]));
+    assert_eq!(c, Some(12), "{err}");
     fs::rename(vol.dir.path().join("moved-key"), &vol.key).unwrap();
     // Changed earfs.conf.
     let conf = vol.backing.join("earfs.conf");
     let text = fs::read_to_string(&conf).unwrap();
-    let changed = text.replace("volume_id = \"", "volume_id = \"0");
-    fs::write(&conf, changed).unwrap();
-    let out = vol.try_mount(&[]);
-    assert_eq!(
-        out.status.code(),
-        Some(15),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fs::write(&conf, text.replace("volume_id = \"", "volume_id = \"0")).unwrap();
+    let (c, err) = code(vol.try_mount(&[]));
+    assert_eq!(c, Some(15), "{err}");
     fs::write(&conf, text).unwrap();
     // And it mounts again once all is right.
     let _m = vol.mount(&[]);

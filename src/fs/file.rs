@@ -205,25 +205,29 @@ pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8]
     })
 }
 
-/// Read and decrypt the `len` bytes of sector `s` into `out[..len]`; returns the raw
-/// ciphertext for undo.
+/// Read the `buf.len()` stored bytes of sector `s`; a short read means damage.
+fn read_stored(io: &Io<'_>, s: SectorNo, buf: &mut [u8]) -> FsResult<()> {
+    let n = pread_full(io.file, buf, s.backing_offset())?;
+    if n < buf.len() {
+        return Err(FsError::Corrupt {
+            path: (io.path)(),
+            reason: format!("sector {} is {} bytes short", s.0, buf.len() - n),
+        });
+    }
+    Ok(())
+}
+
+/// Read and decrypt the `len` bytes of sector `s` into `out[..len]`.
 fn read_sector(
     io: &Io<'_>,
     cipher: &FileCipher,
     s: SectorNo,
     len: usize,
     out: &mut [u8; SECTOR as usize],
-) -> FsResult<Vec<u8>> {
-    let n = pread_full(io.file, &mut out[..len], s.backing_offset())?;
-    if n < len {
-        return Err(FsError::Corrupt {
-            path: (io.path)(),
-            reason: format!("sector {} is {} bytes short", s.0, len - n),
-        });
-    }
-    let raw = out[..len].to_vec();
+) -> FsResult<()> {
+    read_stored(io, s, &mut out[..len])?;
     cipher.decrypt(s, &mut out[..len]);
-    Ok(raw)
+    Ok(())
 }
 
 /// Re-encrypt sector `s` for a size change from `old` to `new` bytes of file size:
@@ -243,13 +247,7 @@ fn reencode_sector(
         return Ok(None);
     }
     let mut sec = [0u8; SECTOR as usize];
-    let n = pread_full(io.file, &mut sec[..old_len], s.backing_offset())?;
-    if n < old_len {
-        return Err(FsError::Corrupt {
-            path: (io.path)(),
-            reason: format!("sector {} is {} bytes short", s.0, old_len - n),
-        });
-    }
+    read_stored(io, s, &mut sec[..old_len])?;
     let raw = sec[..old_len].to_vec();
     // A missing or hole sector is zeros; at a length that may be a hole it stays one.
     let hole = old_len == 0 || is_hole(&raw);
