@@ -84,6 +84,7 @@ __fs_exit_trap() {
     fi
     __FS_EXITING=1
     set +e
+    [[ "$1" != EXIT && "$rc" == 0 ]] && rc=1   # interrupted: treat as a failure
     for ((i = ${#__FS_CLEANUPS[@]} - 1; i >= 0; i--)); do
         eval "${__FS_CLEANUPS[$i]}" || log "cleanup '${__FS_CLEANUPS[$i]}' failed"
     done

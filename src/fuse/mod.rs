@@ -96,6 +96,37 @@ fn fail(reply: impl Fail, op: &str, ino: u64, e: FsError) {
     reply.fail(code);
 }
 
+fn answer_empty(reply: ReplyEmpty, op: &str, ino: u64, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => fail(reply, op, ino, e),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, op: &str, ino: u64, r: Result<Attr, FsError>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
+        Err(e) => fail(reply, op, ino, e),
+    }
+}
+
+fn answer_attr(reply: ReplyAttr, op: &str, ino: u64, r: Result<Attr, FsError>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &fattr(&a)),
+        Err(e) => fail(reply, op, ino, e),
+    }
+}
+
+/// xattr replies: the size when asked for it, the bytes if they fit, else ERANGE.
+fn answer_xattr(reply: ReplyXattr, op: &str, ino: u64, size: u32, r: Result<Vec<u8>, FsError>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => fail(reply, op, ino, FsError::Range),
+        Ok(v) => reply.data(&v),
+        Err(e) => fail(reply, op, ino, e),
+    }
+}
+
 fn file_type(k: FileKind) -> FileType {
     match k {
         FileKind::File => FileType::RegularFile,
@@ -170,10 +201,7 @@ impl Filesystem for EarFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
-            Err(e) => fail(reply, "lookup", parent.0, e),
-        }
+        answer_entry(reply, "lookup", parent.0, self.fs.lookup(parent.0, name))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -181,10 +209,7 @@ impl Filesystem for EarFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
-            Err(e) => fail(reply, "getattr", ino.0, e),
-        }
+        answer_attr(reply, "getattr", ino.0, self.fs.getattr(ino.0))
     }
 
     fn setattr(
@@ -213,10 +238,12 @@ impl Filesystem for EarFuse {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.fs.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
-            Err(e) => fail(reply, "setattr", ino.0, e),
-        }
+        answer_attr(
+            reply,
+            "setattr",
+            ino.0,
+            self.fs.setattr(ino.0, fh.map(|f| f.0), set),
+        )
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -236,10 +263,12 @@ impl Filesystem for EarFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mknod(parent.0, name, mode, rdev, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
-            Err(e) => fail(reply, "mknod", parent.0, e),
-        }
+        answer_entry(
+            reply,
+            "mknod",
+            parent.0,
+            self.fs.mknod(parent.0, name, mode, rdev, caller(req)),
+        )
     }
 
     fn mkdir(
@@ -251,24 +280,20 @@ impl Filesystem for EarFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mkdir(parent.0, name, mode, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
-            Err(e) => fail(reply, "mkdir", parent.0, e),
-        }
+        answer_entry(
+            reply,
+            "mkdir",
+            parent.0,
+            self.fs.mkdir(parent.0, name, mode, caller(req)),
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "unlink", parent.0, e),
-        }
+        answer_empty(reply, "unlink", parent.0, self.fs.unlink(parent.0, name))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "rmdir", parent.0, e),
-        }
+        answer_empty(reply, "rmdir", parent.0, self.fs.rmdir(parent.0, name))
     }
 
     fn symlink(
@@ -279,10 +304,12 @@ impl Filesystem for EarFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.fs.symlink(parent.0, link_name, target, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
-            Err(e) => fail(reply, "symlink", parent.0, e),
-        }
+        answer_entry(
+            reply,
+            "symlink",
+            parent.0,
+            self.fs.symlink(parent.0, link_name, target, caller(req)),
+        )
     }
 
     fn rename(
@@ -312,10 +339,12 @@ impl Filesystem for EarFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
-            Err(e) => fail(reply, "link", ino.0, e),
-        }
+        answer_entry(
+            reply,
+            "link",
+            ino.0,
+            self.fs.link(ino.0, newparent.0, newname),
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -399,10 +428,7 @@ impl Filesystem for EarFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "fsync", ino.0, e),
-        }
+        answer_empty(reply, "fsync", ino.0, self.fs.fsync(fh.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -500,10 +526,7 @@ impl Filesystem for EarFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "fsyncdir", ino.0, e),
-        }
+        answer_empty(reply, "fsyncdir", ino.0, self.fs.fsyncdir(fh.0, datasync))
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -525,35 +548,35 @@ impl Filesystem for EarFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "setxattr", ino.0, e),
-        }
+        answer_empty(
+            reply,
+            "setxattr",
+            ino.0,
+            self.fs.setxattr(ino.0, name, value, flags),
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name, size) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => fail(reply, "getxattr", ino.0, FsError::Range),
-            Ok(v) => reply.data(&v),
-            Err(e) => fail(reply, "getxattr", ino.0, e),
-        }
+        answer_xattr(
+            reply,
+            "getxattr",
+            ino.0,
+            size,
+            self.fs.getxattr(ino.0, name, size),
+        )
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => fail(reply, "listxattr", ino.0, FsError::Range),
-            Ok(v) => reply.data(&v),
-            Err(e) => fail(reply, "listxattr", ino.0, e),
-        }
+        answer_xattr(reply, "listxattr", ino.0, size, self.fs.listxattr(ino.0))
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "removexattr", ino.0, e),
-        }
+        answer_empty(
+            reply,
+            "removexattr",
+            ino.0,
+            self.fs.removexattr(ino.0, name),
+        )
     }
 
     fn create(
@@ -588,10 +611,12 @@ impl Filesystem for EarFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "fallocate", ino.0, e),
-        }
+        answer_empty(
+            reply,
+            "fallocate",
+            ino.0,
+            self.fs.fallocate(fh.0, offset, length, mode),
+        )
     }
 
     fn lseek(
