@@ -799,6 +799,76 @@ fn mount_failures_have_their_own_exit_codes() {
 }
 
 #[test]
+fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_survives() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("durable"))
+        .unwrap();
+    f.write_all_at(&data, 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let pid = daemon_pid(&vol);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    // The mount now errors instead of showing the bare directory.
+    let mut errored = false;
+    for _ in 0..100 {
+        if let Err(e) = fs::metadata(m.path("durable")) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+            errored = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(errored, "a dead daemon's mount must error");
+    // Mounting over it is refused with a hint; umount clears it.
+    let out = vol.try_mount(&[]);
+    assert_eq!(out.status.code(), Some(17));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("earfs umount"));
+    drop(m);
+    assert!(!is_mounted(&vol.mnt));
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("durable")).unwrap(), data);
+}
+
+#[test]
+fn background_daemon_logs_to_syslog_without_a_log_file() {
+    let vol = Volume::new();
+    let sock_path = vol.dir.path().join("syslog.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let out = std::process::Command::new(earfs())
+        .args([
+            "mount",
+            vol.backing.to_str().unwrap(),
+            vol.mnt.to_str().unwrap(),
+        ])
+        .env("EARFS_SYSLOG_SOCKET", &sock_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _m = Mount { vol: &vol };
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.starts_with("<30>earfs["), "{msg}");
+    assert!(msg.contains("mounted volume"), "{msg}");
+}
+
+#[test]
 fn umount_of_a_non_earfs_path_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = run(&["umount", d.path().to_str().unwrap()]);

@@ -55,7 +55,7 @@ pub enum Command {
         /// Mount options, comma-separated (ro, noatime, nosuid, noexec, …), like mount -o.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
-        /// Log file of the background daemon (appended). Without it a background daemon's log is discarded.
+        /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
         #[arg(long)]
         log_file: Option<PathBuf>,
         backing: PathBuf,

@@ -131,7 +131,11 @@ pub fn spawn_background(log_file: Option<&Path>) -> Result<(), Failure> {
         None => Stdio::null(),
     };
     let raw = std::os::fd::AsRawFd::as_raw_fd(&w);
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if log_file.is_none() {
+        cmd.env(logging::TARGET_ENV, "syslog");
+    }
+    let mut child = cmd
         .args(args)
         .env(READY_FD_ENV, raw.to_string())
         .stdin(Stdio::null())
