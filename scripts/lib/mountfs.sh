@@ -39,11 +39,19 @@ FS_LOG=""
 FS_ALLOW_OTHER=0
 MNT=""
 __FS_CLEANUPS=()
+# The original stdout/stderr: a trap can fire while a command with its own
+# redirections (cmd >log 2>&1) is in the foreground, and bash runs the trap
+# with those redirections still active; the trap writes here instead.
+exec {__FS_OUT}>&1 {__FS_ERR}>&2
 __FS_TRAP_SET=0
 __FS_EXITING=0
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
+die() {
+    printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2
+    printf 'FAIL: %s: %s\n' "$(basename "$0" .sh)" "$*"
+    exit 1
+}
 
 # Make a fresh temp dir under ${TMPDIR:-/tmp} that other users can traverse
 # (postgres and pjdfstest's dummy users need to reach the mount point).
@@ -70,9 +78,9 @@ fs_on_exit() {
 
 __fs_install_trap() {
     if [[ "$__FS_TRAP_SET" == 0 ]]; then
-        trap '__fs_exit_trap EXIT' EXIT
-        trap '__fs_exit_trap INT; exit 130' INT
-        trap '__fs_exit_trap TERM; exit 143' TERM
+        trap '__fs_exit_trap EXIT >&"$__FS_OUT" 2>&"$__FS_ERR"' EXIT
+        trap '__fs_exit_trap INT >&"$__FS_OUT" 2>&"$__FS_ERR"; exit 130' INT
+        trap '__fs_exit_trap TERM >&"$__FS_OUT" 2>&"$__FS_ERR"; exit 143' TERM
         __FS_TRAP_SET=1
     fi
 }
@@ -132,7 +140,7 @@ fs_mount() {
             [[ "$FS_ALLOW_OTHER" == 1 ]] && opts+=(--allow-other)
             # Daemon output goes to a file: an inherited stdout would keep
             # pipes in the calling scripts open.
-            if ! "$EARFS_BIN" mount "${opts[@]}" "$FS_BACKING" "$MNT" >>"$FS_LOG" 2>&1; then
+            if ! "$EARFS_BIN" mount "${opts[@]}" "$FS_BACKING" "$MNT" >>"$FS_LOG" 2>&1 {__FS_OUT}>&- {__FS_ERR}>&-; then
                 cat "$FS_LOG" >&2
                 die "earfs mount failed"
             fi
@@ -141,7 +149,7 @@ fs_mount() {
             local -a opts=(-q -nosyslog -extpass "echo pw")
             # gocryptfs' -allow_other also turns on default_permissions.
             [[ "$FS_ALLOW_OTHER" == 1 ]] && opts+=(-allow_other)
-            if ! "$GOCRYPTFS_BIN" "${opts[@]}" "$FS_BACKING" "$MNT" >>"$FS_LOG" 2>&1; then
+            if ! "$GOCRYPTFS_BIN" "${opts[@]}" "$FS_BACKING" "$MNT" >>"$FS_LOG" 2>&1 {__FS_OUT}>&- {__FS_ERR}>&-; then
                 cat "$FS_LOG" >&2
                 die "gocryptfs mount failed"
             fi
@@ -221,7 +229,13 @@ fs_setup() {
     FS_WORKDIR="$2"
     FS_ALLOW_OTHER=0
     [[ "${3:-}" == --allow-other ]] && FS_ALLOW_OTHER=1
-    case "$FS_BACKEND" in earfs | gocryptfs | raw) ;; *) die "unknown backend '$FS_BACKEND'" ;; esac
+    case "$FS_BACKEND" in
+        earfs | gocryptfs | raw) ;;
+        *)
+            rmdir "$FS_WORKDIR" 2>/dev/null || true
+            die "unknown backend '$FS_BACKEND' (expected earfs, gocryptfs or raw)"
+            ;;
+    esac
     FS_BACKING="$FS_WORKDIR/backing"
     FS_KEYFILE="$FS_WORKDIR/earfs.key"
     FS_LOG="$FS_WORKDIR/fs-daemon.log"
