@@ -33,9 +33,4 @@ impl Keyring {
     pub(crate) fn get(&self, version: u32) -> Option<&(Dek, MacKey)> {
         self.keys.get(&version)
     }
-
-    /// All versions held.
-    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
-        self.keys.keys().copied()
-    }
 }

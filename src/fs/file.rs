@@ -42,10 +42,6 @@ impl Content {
     pub fn size(&self) -> u64 {
         self.size
     }
-    /// Key version of the file's header, if it has one.
-    pub fn key_version(&self) -> Option<u32> {
-        self.cipher.as_ref().map(|c| c.key_version())
-    }
 }
 
 /// What the content functions need: the backing file(s), the keys and, for messages,

@@ -148,9 +148,4 @@ impl InodeTable {
             t.by_key.remove(&inode.key);
         }
     }
-
-    /// Number of inodes known (for tests and status).
-    pub fn len(&self) -> usize {
-        self.tables.lock().by_id.len()
-    }
 }

@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps}
 use rustix::io::Errno;
 
 use crate::content::{HEADER_LEN, Keyring, backing_size_to_plain_size};
-use crate::volume::CONFIG_NAME;
+use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
@@ -170,25 +170,21 @@ impl EarFs {
         })
     }
 
-    /// The backing directory.
-    pub fn backing(&self) -> &Path {
-        &self.backing
-    }
-
-    /// The keyring in use.
-    pub fn keys(&self) -> &Keyring {
-        &self.keys
-    }
-
-    /// How many inodes the kernel holds references to.
-    pub fn inode_count(&self) -> usize {
-        self.inodes.len()
-    }
-
     fn is_reserved(parent: u64, name: &OsStr) -> bool {
         parent == ROOT_ID
             && (name.as_bytes() == CONFIG_NAME.as_bytes()
-                || name.as_bytes() == format!(".{CONFIG_NAME}.tmp").as_bytes())
+                || name.as_bytes() == CONFIG_TMP_NAME.as_bytes())
+    }
+
+    /// While a file's content is loaded its size is ours: a backing size seen in the
+    /// middle of a write or truncate never shows.
+    fn cached_size(inode: &Inode, attr: &mut Attr) {
+        if inode.kind == FileKind::File
+            && let Some(c) = inode.content.try_read()
+            && c.is_loaded()
+        {
+            attr.size = c.size();
+        }
     }
 
     fn attr_of(&self, key_st: &Stat) -> Attr {
@@ -219,13 +215,7 @@ impl EarFs {
     fn stat_inode(&self, inode: &Inode) -> FsResult<Attr> {
         let st = rustix::fs::fstat(&inode.fd)?;
         let mut attr = self.attr_of(&st);
-        // While the file's content is loaded, its size is ours (mid-write backing sizes never show).
-        if inode.kind == FileKind::File
-            && let Some(c) = inode.content.try_read()
-            && c.is_loaded()
-        {
-            attr.size = c.size();
-        }
+        Self::cached_size(inode, &mut attr);
         Ok(attr)
     }
 
@@ -245,11 +235,7 @@ impl EarFs {
         let kind = FileKind::from_mode(st.st_mode);
         let inode = self.inodes.remember((st.st_dev, st.st_ino), fd, kind)?;
         let mut attr = self.attr_of(&st);
-        if let Some(c) = inode.content.try_read()
-            && c.is_loaded()
-        {
-            attr.size = c.size();
-        }
+        Self::cached_size(&inode, &mut attr);
         Ok((inode, attr))
     }
 
@@ -684,11 +670,6 @@ impl EarFs {
         file::load(&mut c, &io)?;
         let r = file::seek_data_hole(&c, &io, off, data)?;
         i64::try_from(r).map_err(|_| FsError::Invalid)
-    }
-
-    /// Key version of an open file's header (None while empty).
-    pub fn key_version(&self, fh: u64) -> FsResult<Option<u32>> {
-        Ok(self.handle(fh)?.inode.content.read().key_version())
     }
 
     // ---- directories ----

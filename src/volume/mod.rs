@@ -15,6 +15,8 @@ use crate::kms::{KeyProvider, KmsError, ProviderSpec};
 
 /// Name of the volume config at the backing root; hidden from the mount.
 pub const CONFIG_NAME: &str = "earfs.conf";
+/// Name of the config while it is being rewritten; hidden from the mount too.
+pub const CONFIG_TMP_NAME: &str = ".earfs.conf.tmp";
 /// Cipher name stored in the config.
 pub const CIPHER: &str = "aes-256-xts";
 /// Config format this build reads and writes.
@@ -186,7 +188,7 @@ impl VolumeConfig {
     /// Write the config atomically: tmp → fsync → rename → fsync(dir).
     pub fn save(&self, backing: &Path) -> Result<(), VolumeError> {
         let path = config_path(backing);
-        let tmp = backing.join(format!(".{CONFIG_NAME}.tmp"));
+        let tmp = backing.join(CONFIG_TMP_NAME);
         let text = format!(
             "# earfs volume config. Authenticated: do not edit. See docs/file-format.md.\n{}",
             toml::to_string(self).map_err(|e| VolumeError::BadConfig {
