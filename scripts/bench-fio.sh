@@ -24,7 +24,7 @@ jobs=(
 results="$(mktemp -d "${TMPDIR:-/tmp}/earfs-fio.XXXXXX")"
 for b in "${backends[@]}"; do
   (
-    # shellcheck source=lib/mountfs.sh
+    # shellcheck source=scripts/lib/mountfs.sh disable=SC1091
     source "$here/lib/mountfs.sh"
     backend="$b"
     [[ "$b" == earfs-wb ]] && { backend=earfs; export EARFS_MOUNT_ARGS="--writeback-cache"; }

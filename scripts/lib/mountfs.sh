@@ -19,6 +19,7 @@
 #   EARFS_BIN        earfs binary      (default: $repo/target/release/earfs)
 #   EARFS_TOOLS_DIR  cargo-installed tools (default: $repo/target/tools)
 #   GOCRYPTFS_BIN    gocryptfs binary  (default: gocryptfs from PATH)
+#   EARFS_MOUNT_ARGS extra flags for every earfs mount (e.g. --writeback-cache)
 
 if [[ -n "${__EARFS_MOUNTFS_SOURCED:-}" ]]; then
     return 0
@@ -136,8 +137,12 @@ fs_mount() {
     fs_is_mounted "$MNT" && die "fs_mount: $MNT is already mounted"
     case "$FS_BACKEND" in
         earfs)
-            local -a opts=()
+            local -a opts=(--log-file "$FS_LOG")
             [[ "$FS_ALLOW_OTHER" == 1 ]] && opts+=(--allow-other)
+            # EARFS_MOUNT_ARGS: extra flags for every earfs mount (e.g. --writeback-cache).
+            local -a extra=()
+            read -r -a extra <<<"${EARFS_MOUNT_ARGS:-}"
+            opts+=("${extra[@]}")
             # Daemon output goes to a file: an inherited stdout would keep
             # pipes in the calling scripts open.
             if ! "$EARFS_BIN" mount "${opts[@]}" "$FS_BACKING" "$MNT" >>"$FS_LOG" 2>&1 {__FS_OUT}>&- {__FS_ERR}>&-; then
