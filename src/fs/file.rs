@@ -365,12 +365,8 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
         buf[..data_start].fill(0);
         buf[data_end..].fill(0);
         let last = SectorNo(span.end.0 - 1);
-        let edges = if last == span.first {
-            vec![span.first]
-        } else {
-            vec![span.first, last]
-        };
-        for s in edges {
+        let edges = [Some(span.first), (last != span.first).then_some(last)];
+        for s in edges.into_iter().flatten() {
             let new_len = sector_len(s, new_size) as u64;
             let covered = off <= s.plain_start() && end >= s.plain_start() + new_len;
             let old_len = sector_len(s, old);
