@@ -73,6 +73,9 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// Clear set-user-id (and set-group-id with group exec) after the change, as the
+    /// kernel asks when an unprivileged caller truncates a set-id file.
+    pub kill_suidgid: bool,
 }
 
 /// Filesystem statistics.
@@ -310,6 +313,9 @@ impl EarFs {
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
             file::truncate(&mut c, &io, size)?;
+        }
+        if set.kill_suidgid && set.size.is_some() && set.mode.is_none() {
+            Self::kill_suidgid_of(&inode)?;
         }
         if let Some(mode) = set.mode {
             if inode.kind == FileKind::Symlink {
@@ -617,6 +623,31 @@ impl EarFs {
         file::load(&mut w, &io)?;
         let c = parking_lot::RwLockWriteGuard::downgrade(w);
         file::read(&c, &io, off, size, out)
+    }
+
+    /// Clear set-user-id, and set-group-id if group-executable, as a write or truncate
+    /// by an unprivileged caller must (FUSE_HANDLE_KILLPRIV_V2: the kernel leaves it to us).
+    fn kill_suidgid_of(inode: &Inode) -> FsResult<()> {
+        let mode = rustix::fs::fstat(&inode.fd)?.st_mode;
+        let mut new = mode & 0o7777 & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            new &= !libc::S_ISGID;
+        }
+        if new != mode & 0o7777 {
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                proc_path(&inode.fd),
+                Mode::from_raw_mode(new),
+                AtFlags::empty(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `off` after clearing set-id bits (the kernel flagged the write).
+    pub fn write_killing_suidgid(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
+        Self::kill_suidgid_of(&self.handle(fh)?.inode)?;
+        self.write(fh, off, data)
     }
 
     /// Write `data` at `off`.
