@@ -143,6 +143,40 @@ fn truncate_across_sector_boundaries() {
 }
 
 #[test]
+fn mount_options_threads_and_read_only() {
+    let vol = Volume::new();
+    {
+        let m = vol.mount(&["--threads", "1", "-o", "noatime,nosuid"]);
+        fs::write(m.path("f"), b"one thread").unwrap();
+        let opts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = opts
+            .lines()
+            .find(|l| l.contains(vol.mnt.to_str().unwrap()))
+            .unwrap()
+            .to_string();
+        assert!(
+            line.contains("noatime") && line.contains("nosuid"),
+            "{line}"
+        );
+    }
+    let m = vol.mount(&["-o", "ro"]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"one thread");
+    assert_eq!(
+        fs::write(m.path("g"), b"x").unwrap_err().raw_os_error(),
+        Some(libc::EROFS)
+    );
+    drop(m);
+    let out = run(&[
+        "mount",
+        "--threads",
+        "0",
+        vol.backing.to_str().unwrap(),
+        vol.mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn append_trunc_and_excl() {
     let vol = Volume::new();
     let m = vol.mount(&[]);
