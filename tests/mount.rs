@@ -954,6 +954,82 @@ fn background_daemon_logs_to_syslog_without_a_log_file() {
 }
 
 #[test]
+fn eio_from_the_backing_store_reaches_the_caller() {
+    // earfs over earfs: the outer volume becomes a backing store that fails reads with
+    // EIO (its backing file is cut behind its back), and the inner volume must pass
+    // that errno on, never short or made-up data.
+    let outer = Volume::new();
+    let om = outer.mount(&[]);
+    let inner_backing = om.path("inner-backing");
+    let inner_key = outer.dir.path().join("inner-key");
+    let inner_mnt = outer.dir.path().join("inner-mnt");
+    fs::create_dir(&inner_mnt).unwrap();
+    let out = run(&[
+        "init",
+        "--kms",
+        "local",
+        "--key-file",
+        inner_key.to_str().unwrap(),
+        inner_backing.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "mount",
+        inner_backing.to_str().unwrap(),
+        inner_mnt.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct M(std::path::PathBuf);
+    impl Drop for M {
+        fn drop(&mut self) {
+            force_unmount(&self.0);
+        }
+    }
+    let _im = M(inner_mnt.clone());
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 199) as u8).collect();
+    fs::write(inner_mnt.join("data"), &data).unwrap();
+    assert_eq!(fs::read(inner_mnt.join("data")).unwrap(), data);
+    // Cut the outer backing file: the outer daemon still believes the old size.
+    let outer_file = outer.backing.join("inner-backing/data");
+    let f = OpenOptions::new().write(true).open(&outer_file).unwrap();
+    f.set_len(4096 + 4096 + 8192).unwrap();
+    drop(f);
+    // Drop the outer mount's page cache of that file (not its inode), and read the
+    // inner file with O_DIRECT so that both requests reach the daemons.
+    let of = File::open(om.path("inner-backing/data")).unwrap();
+    rustix::fs::fadvise(&of, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    #[repr(C, align(4096))]
+    struct Page([u8; 8192]);
+    let mut buf = Box::new(Page([0u8; 8192]));
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(inner_mnt.join("data"))
+        .unwrap();
+    let e = f.read_at(&mut buf.0, 32768).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // The start of the file is intact and still reads.
+    f.read_exact_at(&mut buf.0, 0).unwrap();
+    assert_eq!(&buf.0[..], &data[..8192]);
+    drop(of);
+    // The EIO came from the outer daemon, the backing store of the inner one.
+    let log = outer.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("op=read") && l.contains("errno=5")),
+        "{log}"
+    );
+}
+
+#[test]
 fn umount_of_a_non_earfs_path_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = run(&["umount", d.path().to_str().unwrap()]);
