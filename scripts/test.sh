@@ -36,6 +36,10 @@ EARFS_SPEED_CMD="$repo/target/release/earfs speed --json" scripts/speed-vs-opens
 step "tier 3: fsx, pjdfstest, PostgreSQL, RocksDB, SQLite on earfs"
 EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs scripts/tier3/all.sh
 
+step "tier 3 again with the FUSE writeback cache (off by default until this passes for long)"
+EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs EARFS_MOUNT_ARGS=--writeback-cache \
+  EARFS_TIER3_RESULTS="$repo/target/tier3-writeback" scripts/tier3/all.sh --no-deps
+
 if grep -E '^earfs:' /proc/mounts; then
   echo "FAIL: earfs mounts left behind" >&2
   exit 1

@@ -142,13 +142,7 @@ fn init(kms: Kms, key_file: Option<PathBuf>, backing: PathBuf) -> Result<(), Fai
         Kms::Local => {
             let key_file = key_file
                 .ok_or_else(|| Failure::new(exit::USAGE, "--kms local needs --key-file"))?;
-            let key_file = if key_file.is_absolute() {
-                key_file
-            } else {
-                std::env::current_dir()
-                    .map(|d| d.join(&key_file))
-                    .unwrap_or(key_file)
-            };
+            let key_file = daemon::absolute(&key_file);
             if !key_file.exists() {
                 create_key_file(&key_file)?;
                 eprintln!(
@@ -180,15 +174,8 @@ fn init(kms: Kms, key_file: Option<PathBuf>, backing: PathBuf) -> Result<(), Fai
 }
 
 fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
-    let mp = std::fs::canonicalize(&mountpoint).unwrap_or_else(|_| {
-        if mountpoint.is_absolute() {
-            mountpoint.clone()
-        } else {
-            std::env::current_dir()
-                .map(|d| d.join(&mountpoint))
-                .unwrap_or(mountpoint.clone())
-        }
-    });
+    // A dead mount cannot be canonicalized (ENOTCONN): then take the path as given.
+    let mp = std::fs::canonicalize(&mountpoint).unwrap_or_else(|_| daemon::absolute(&mountpoint));
     let Some(m) = daemon::find_mount(&mp)
         .filter(|m| m.fstype.starts_with("fuse") && m.source.starts_with("earfs:"))
     else {

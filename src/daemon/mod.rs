@@ -46,17 +46,21 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// The exit code of a key provider error.
+fn kms_code(k: &KmsError) -> u8 {
+    match k {
+        KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
+        KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
+        KmsError::WrongKey(_) => exit::WRONG_KEY,
+        KmsError::KeyFileInvalid { .. } | KmsError::KeyFileIo { .. } | KmsError::Crypto(_) => {
+            exit::FAILURE
+        }
+    }
+}
+
 impl From<KmsError> for Failure {
     fn from(e: KmsError) -> Self {
-        let code = match &e {
-            KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
-            KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
-            KmsError::WrongKey(_) => exit::WRONG_KEY,
-            KmsError::KeyFileInvalid { .. } | KmsError::KeyFileIo { .. } | KmsError::Crypto(_) => {
-                exit::FAILURE
-            }
-        };
-        Failure::new(code, e.to_string())
+        Failure::new(kms_code(&e), e.to_string())
     }
 }
 
@@ -67,22 +71,10 @@ impl From<VolumeError> for Failure {
             VolumeError::AlreadyAVolume(_) | VolumeError::NotEmpty(_) => exit::INIT_REFUSED,
             VolumeError::BadConfig { .. } => exit::BAD_CONFIG,
             VolumeError::ConfigMac(_) => exit::CONFIG_TAMPERED,
-            VolumeError::Kms(k) => return Failure::from_kms_ref(k, e.to_string()),
+            VolumeError::Kms(k) => kms_code(k),
             VolumeError::Io { .. } => exit::FAILURE,
         };
         Failure::new(code, e.to_string())
-    }
-}
-
-impl Failure {
-    fn from_kms_ref(k: &KmsError, message: String) -> Self {
-        let code = match k {
-            KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
-            KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
-            KmsError::WrongKey(_) => exit::WRONG_KEY,
-            _ => exit::FAILURE,
-        };
-        Failure::new(code, message)
     }
 }
 
@@ -100,7 +92,8 @@ pub struct MountRequest {
 /// Environment variable naming the readiness pipe of a background daemon.
 pub const READY_FD_ENV: &str = "EARFS_READY_FD";
 
-fn abs(p: &Path) -> PathBuf {
+/// `p` made absolute against the current directory (without resolving links).
+pub fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -196,7 +189,7 @@ impl Ready {
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
     let meta = match std::fs::metadata(mp) {
         Ok(m) => m,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
             return Err(Failure::new(
                 exit::ALREADY_MOUNTED,
                 format!(
@@ -229,7 +222,7 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
             format!("mountpoint {} is not a directory", mp.display()),
         ));
     }
-    let canon = std::fs::canonicalize(mp).unwrap_or_else(|_| abs(mp));
+    let canon = std::fs::canonicalize(mp).unwrap_or_else(|_| absolute(mp));
     if let Some(m) = find_mount(&canon) {
         return Err(Failure::new(
             exit::ALREADY_MOUNTED,
@@ -367,6 +360,10 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
     let cfg = VolumeConfig::load(&backing)?;
     let mountpoint = check_mountpoint(&req.mountpoint)?;
+    if ready.detached() {
+        // A background daemon keeps no directory of the caller busy.
+        let _ = std::env::set_current_dir("/");
+    }
     let _lock = lock_volume(&backing)?;
     let provider = cfg.kms.open()?;
     let deks = cfg.unlock(&backing, provider.as_ref())?;
