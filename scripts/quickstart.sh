@@ -25,7 +25,7 @@ echo "--- through the mount ($demo/mnt/hello.txt):"
 cat "$demo/mnt/hello.txt"
 echo "--- on disk ($demo/backing/hello.txt, 4096-byte header then ciphertext):"
 xxd -s 4096 "$demo/backing/hello.txt"
-if grep -q "Hello from earfs" "$demo/backing/hello.txt"; then
+if grep -rq "Hello from earfs" "$demo/backing"; then
   echo "ERROR: plaintext found in the backing file" >&2
   exit 1
 fi
