@@ -847,18 +847,7 @@ fn mount_failures_have_their_own_exit_codes() {
     let saved = fs::read(&vol.key).unwrap();
     let other = vol.dir.path().join("otherkey");
     let v2 = vol.dir.path().join("v2");
-    assert!(
-        run(&[
-            "init",
-            "--kms",
-            "local",
-            "--key-file",
-            other.to_str().unwrap(),
-            v2.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    init_local(&other, &v2);
     fs::copy(&other, &vol.key).unwrap();
     let (c, err) = code(vol.try_mount(&[]));
     assert_eq!(c, Some(14), "{err}");
@@ -964,36 +953,8 @@ fn eio_from_the_backing_store_reaches_the_caller() {
     let inner_key = outer.dir.path().join("inner-key");
     let inner_mnt = outer.dir.path().join("inner-mnt");
     fs::create_dir(&inner_mnt).unwrap();
-    let out = run(&[
-        "init",
-        "--kms",
-        "local",
-        "--key-file",
-        inner_key.to_str().unwrap(),
-        inner_backing.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(&[
-        "mount",
-        inner_backing.to_str().unwrap(),
-        inner_mnt.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    struct M(std::path::PathBuf);
-    impl Drop for M {
-        fn drop(&mut self) {
-            force_unmount(&self.0);
-        }
-    }
-    let _im = M(inner_mnt.clone());
+    init_local(&inner_key, &inner_backing);
+    let _im = mount_at(&inner_backing, &inner_mnt);
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 199) as u8).collect();
     fs::write(inner_mnt.join("data"), &data).unwrap();
     assert_eq!(fs::read(inner_mnt.join("data")).unwrap(), data);
@@ -1061,30 +1022,8 @@ fn enospc_reaches_the_caller_and_the_volume_recovers() {
     let backing = small.join("vol");
     let mnt = d.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    assert!(
-        run(&[
-            "init",
-            "--kms",
-            "local",
-            "--key-file",
-            key.to_str().unwrap(),
-            backing.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
-    assert!(
-        run(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()])
-            .status
-            .success()
-    );
-    struct M(std::path::PathBuf);
-    impl Drop for M {
-        fn drop(&mut self) {
-            force_unmount(&self.0);
-        }
-    }
-    let _m = M(mnt.clone());
+    init_local(&key, &backing);
+    let _m = mount_at(&backing, &mnt);
     fs::write(mnt.join("filler"), vec![1u8; 1 << 20]).unwrap();
     let mut f = OpenOptions::new()
         .write(true)

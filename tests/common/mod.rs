@@ -16,6 +16,43 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run earfs")
 }
 
+/// `earfs init --kms local --key-file KEY BACKING`, which must succeed.
+pub fn init_local(key: &Path, backing: &Path) {
+    let out = run(&[
+        "init",
+        "--kms",
+        "local",
+        "--key-file",
+        key.to_str().unwrap(),
+        backing.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `earfs mount BACKING MNT` (must succeed); the guard unmounts on drop.
+pub fn mount_at(backing: &Path, mnt: &Path) -> MountGuard {
+    let out = run(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    MountGuard(mnt.to_path_buf())
+}
+
+/// Unmounts a mount made outside `Volume` when dropped.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        force_unmount(&self.0);
+    }
+}
+
 pub fn is_mounted(mp: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mp = mp.to_string_lossy().replace(' ', "\\040");
@@ -43,19 +80,7 @@ impl Volume {
         let mnt = dir.path().join("mnt");
         let log = dir.path().join("daemon.log");
         std::fs::create_dir(&mnt).unwrap();
-        let out = run(&[
-            "init",
-            "--kms",
-            "local",
-            "--key-file",
-            key.to_str().unwrap(),
-            backing.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_local(&key, &backing);
         Volume {
             dir,
             backing,
