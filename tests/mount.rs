@@ -328,26 +328,19 @@ fn modes_are_the_callers_after_its_umask_only() {
 #[test]
 fn unprivileged_write_and_truncate_clear_set_id_bits() {
     let vol = Volume::new();
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = vol.mount(&["--allow-other"]);
+    let m = vol.mount_for_others();
     for (name, op) in [("w", "printf x >> {}"), ("t", "truncate -s 1 {}")] {
         let p = m.path(name);
         fs::write(&p, b"data").unwrap();
         std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o6775)).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o6775);
-        let st = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-            ])
-            .arg(op.replace("{}", p.to_str().unwrap()))
-            .status()
-            .unwrap();
-        assert!(st.success(), "{name}");
+        let out = as_nobody(&op.replace("{}", p.to_str().unwrap()));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(
             fs::metadata(&p).unwrap().mode() & 0o7777,
             0o775,
@@ -754,30 +747,15 @@ fn damaged_header_gives_eio_for_that_file_only() {
 #[test]
 fn allow_other_uses_caller_ids_and_kernel_permissions() {
     let vol = Volume::new();
-    // The temp dir must be traversable by the other user.
-    fs::set_permissions(vol.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = vol.mount(&["--allow-other"]);
+    let m = vol.mount_for_others();
     fs::create_dir(m.path("shared")).unwrap();
     fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o777)).unwrap();
     fs::write(m.path("secret"), b"root only").unwrap();
     fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    let sh = |cmd: &str| {
-        std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-                cmd,
-            ])
-            .output()
-            .unwrap()
-    };
-    let out = sh(&format!("cat {}", m.path("secret").display()));
+    let out = as_nobody(&format!("cat {}", m.path("secret").display()));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
-    let out = sh(&format!(
+    let out = as_nobody(&format!(
         "echo hi > {0}/f && mkdir {0}/d",
         m.path("shared").display()
     ));

@@ -102,6 +102,13 @@ impl Volume {
         Mount { vol: self }
     }
 
+    /// Mount with --allow-other, the temp dir made traversable for other users.
+    pub fn mount_for_others(&self) -> Mount<'_> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.mount(&["--allow-other"])
+    }
+
     pub fn try_mount(&self, extra: &[&str]) -> Output {
         let mut args = vec!["mount", "--log-file", self.log.to_str().unwrap()];
         // EARFS_TEST_MOUNT_ARGS runs the whole suite with extra flags (e.g. --writeback-cache).
@@ -181,6 +188,21 @@ pub fn all_backing_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Run a shell command as uid/gid 65534 (nobody) without supplementary groups.
+pub fn as_nobody(cmd: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .expect("setpriv")
 }
 
 /// Run a Python snippet (for mmap, fcntl locks); returns stdout, panics on failure.
