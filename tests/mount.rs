@@ -892,6 +892,35 @@ fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_su
 }
 
 #[test]
+fn sigterm_unmounts_and_the_daemon_exits() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    fs::write(m.path("f"), b"kept").unwrap();
+    let pid = daemon_pid(&vol);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut gone = false;
+    for _ in 0..500 {
+        if !is_mounted(&vol.mnt) && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(gone, "mount or daemon still there after SIGTERM");
+    assert!(
+        vol.log_text()
+            .contains(&format!("unmounted {}", vol.mnt.display()))
+    );
+    drop(m);
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
+}
+
+#[test]
 fn background_daemon_logs_to_syslog_without_a_log_file() {
     let vol = Volume::new();
     let sock_path = vol.dir.path().join("syslog.sock");
