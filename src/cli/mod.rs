@@ -58,19 +58,27 @@ pub enum Command {
         /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// Backing directory of the volume (holds earfs.conf and the encrypted files).
         backing: PathBuf,
+        /// Empty directory to mount the plaintext view on.
         mountpoint: PathBuf,
     },
     /// Unmount an earfs mount and wait for its daemon to let go of the volume.
-    Umount { mountpoint: PathBuf },
+    Umount {
+        /// The mountpoint (also clears the dead mount of a crashed daemon).
+        mountpoint: PathBuf,
+    },
     /// Show a volume: id, cipher, sector size, key provider, key versions, AES kernel.
     Info {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Backing directory of the volume.
         backing: PathBuf,
     },
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
+        /// Print JSON (bytes per second).
         #[arg(long)]
         json: bool,
         /// Seconds per direction.
