@@ -111,7 +111,10 @@ pub fn inherited_fd(raw: i32) -> Option<std::os::fd::OwnedFd> {
     rustix::io::fcntl_getfd(borrowed).ok()?;
     // SAFETY: the parent passed this descriptor to us for our exclusive use; nothing
     // else in this process owns it.
-    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Programs we start (fusermount3) must not keep the parent waiting on it.
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).ok()?;
+    Some(fd)
 }
 
 #[cfg(test)]
