@@ -926,6 +926,20 @@ fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_su
 }
 
 #[test]
+fn daemon_memory_is_locked() {
+    let vol = Volume::new();
+    let m = vol.mount(&[]);
+    fs::write(m.path("f"), b"x").unwrap();
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon_pid(&vol))).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(locked_kb > 0, "{status}");
+}
+
+#[test]
 fn sigterm_unmounts_and_the_daemon_exits() {
     let vol = Volume::new();
     let m = vol.mount(&[]);

@@ -320,10 +320,38 @@ pub fn wait_unlocked(backing: &Path, deadline: Duration) -> bool {
     }
 }
 
+/// Keep key material out of swap: lock every page of the process as it is touched
+/// (`mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`). Only where it cannot make later
+/// allocations fail: with CAP_IPC_LOCK or an unlimited RLIMIT_MEMLOCK.
+fn lock_memory() {
+    use rustix::mm::{MlockAllFlags, mlockall};
+    let can = rustix::thread::capabilities(None)
+        .map(|c| {
+            c.effective
+                .contains(rustix::thread::CapabilitySet::IPC_LOCK)
+        })
+        .unwrap_or(false)
+        || rustix::process::getrlimit(rustix::process::Resource::Memlock)
+            .current
+            .is_none();
+    if !can {
+        log::warn!(
+            "key material is not locked in memory (no CAP_IPC_LOCK, RLIMIT_MEMLOCK limited); it may be swapped out"
+        );
+        return;
+    }
+    if let Err(e) =
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
+    {
+        log::warn!("key material is not locked in memory: mlockall: {e}");
+    }
+}
+
 fn prepare_process() {
     // The kernel has applied the caller's umask to every mode it sends; ours must not
     // apply again when the backing objects are created.
     rustix::process::umask(rustix::fs::Mode::empty());
+    lock_memory();
     // No core dumps: the process holds key material.
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     // Every inode the kernel holds is an O_PATH descriptor: allow as many as we may.
