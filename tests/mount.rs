@@ -1046,6 +1046,32 @@ fn eio_from_the_backing_store_reaches_the_caller() {
 }
 
 #[test]
+fn info_and_speed_report_the_volume_and_the_cipher() {
+    let vol = Volume::new();
+    let out = run(&["info", "--json", vol.backing.to_str().unwrap()]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let conf = fs::read_to_string(vol.backing.join("earfs.conf")).unwrap();
+    assert!(conf.contains(v["volume_id"].as_str().unwrap()));
+    assert_eq!(v["cipher"], "aes-256-xts");
+    assert_eq!(v["sector_size"], 4096);
+    assert_eq!(v["kms"], "local");
+    assert_eq!(v["key_versions"], serde_json::json!([1]));
+    assert_eq!(
+        v["aes_implementation"].as_str().unwrap(),
+        earfs::crypto::implementation()
+    );
+    let out = run(&["speed", "--json", "--seconds", "0.1"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sector_size"], 4096);
+    assert!(v["encrypt_bytes_per_sec"].as_f64().unwrap() > 1e6);
+    assert!(v["decrypt_bytes_per_sec"].as_f64().unwrap() > 1e6);
+    let out = run(&["info", vol.dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(10));
+}
+
+#[test]
 fn umount_of_a_non_earfs_path_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let out = run(&["umount", d.path().to_str().unwrap()]);
