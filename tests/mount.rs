@@ -681,11 +681,9 @@ fn fsync_and_fdatasync_reach_the_backing_file() {
     f.sync_data().unwrap();
     f.sync_all().unwrap();
     drop(f);
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(st.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    );
+    // Both calls returned, so the daemon's backing calls have completed under strace,
+    // which records them before letting the traced thread go on; stop it now.
+    signal(st.id(), rustix::process::Signal::INT);
     st.wait().unwrap();
     let text = fs::read_to_string(&trace).unwrap();
     assert_eq!(text.matches("fdatasync(").count(), 1, "{text}");
@@ -895,25 +893,19 @@ fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_su
     f.sync_all().unwrap();
     drop(f);
     let pid = daemon_pid(&vol);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    signal(pid, rustix::process::Signal::KILL);
     // The mount now errors instead of showing the bare directory.
-    let mut errored = false;
-    for _ in 0..100 {
-        if let Err(e) = fs::metadata(m.path("durable")) {
+    let errored = wait_until(5, || match fs::metadata(m.path("durable")) {
+        Ok(_) => false,
+        Err(e) => {
             let code = e.raw_os_error();
             assert!(
                 code == Some(libc::ENOTCONN) || code == Some(libc::ECONNABORTED),
                 "{e}"
             );
-            errored = true;
-            break;
+            true
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    });
     assert!(errored, "a dead daemon's mount must error");
     // Mounting over it is refused with a hint; umount clears it.
     let out = vol.try_mount(&[]);
@@ -945,19 +937,10 @@ fn sigterm_unmounts_and_the_daemon_exits() {
     let m = vol.mount(&[]);
     fs::write(m.path("f"), b"kept").unwrap();
     let pid = daemon_pid(&vol);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let mut gone = false;
-    for _ in 0..500 {
-        if !is_mounted(&vol.mnt) && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    signal(pid, rustix::process::Signal::TERM);
+    let gone = wait_until(5, || {
+        !is_mounted(&vol.mnt) && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
     assert!(gone, "mount or daemon still there after SIGTERM");
     assert!(
         vol.log_text()

@@ -341,30 +341,22 @@ impl SectorCipher {
         let t_last = mul_alpha(t_prev); // T_m
         let mut a = [0u8; BLOCK];
         a.copy_from_slice(last_full);
-        match dir {
-            Dir::Encrypt => {
-                // CC = XTS(P_{m-1}, T_{m-1}); C_m = CC[..rem];
-                // C_{m-1} = XTS(P_m || CC[rem..], T_m).
-                self.engine.block(dir, t_prev, &mut a);
-                let mut b = a;
-                b[..rem].copy_from_slice(partial);
-                partial.copy_from_slice(&a[..rem]);
-                self.engine.block(dir, t_last, &mut b);
-                last_full.copy_from_slice(&b);
-                b.zeroize();
-            }
-            Dir::Decrypt => {
-                // PP = XTS^-1(C_{m-1}, T_m); P_m = PP[..rem];
-                // P_{m-1} = XTS^-1(C_m || PP[rem..], T_{m-1}).
-                self.engine.block(dir, t_last, &mut a);
-                let mut b = a;
-                b[..rem].copy_from_slice(partial);
-                partial.copy_from_slice(&a[..rem]);
-                self.engine.block(dir, t_prev, &mut b);
-                last_full.copy_from_slice(&b);
-                b.zeroize();
-            }
-        }
+        // Encrypt: CC = XTS(P_{m-1}, T_{m-1}); C_m = CC[..rem];
+        //          C_{m-1} = XTS(P_m || CC[rem..], T_m).
+        // Decrypt: PP = XTS^-1(C_{m-1}, T_m); P_m = PP[..rem];
+        //          P_{m-1} = XTS^-1(C_m || PP[rem..], T_{m-1}).
+        // The steps are the same; only the order of the two tweaks differs.
+        let (t_first, t_second) = match dir {
+            Dir::Encrypt => (t_prev, t_last),
+            Dir::Decrypt => (t_last, t_prev),
+        };
+        self.engine.block(dir, t_first, &mut a);
+        let mut b = a;
+        b[..rem].copy_from_slice(partial);
+        partial.copy_from_slice(&a[..rem]);
+        self.engine.block(dir, t_second, &mut b);
+        last_full.copy_from_slice(&b);
+        b.zeroize();
         a.zeroize();
     }
 }
