@@ -592,6 +592,14 @@ mod tests {
         }
     }
 
+    /// A fixture and the loaded content state of its (empty) file.
+    fn loaded() -> (Fixture, Content) {
+        let fx = fixture();
+        let mut c = Content::default();
+        load(&mut c, &fx.io()).unwrap();
+        (fx, c)
+    }
+
     fn no_path() -> PathBuf {
         PathBuf::from("<test>")
     }
@@ -620,9 +628,7 @@ mod tests {
         let sizes = [0u64, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 8192, 8193];
         for &from in &sizes {
             for &to in &sizes {
-                let fx = fixture();
-                let mut c = Content::default();
-                load(&mut c, &fx.io()).unwrap();
+                let (fx, mut c) = loaded();
                 let data: Vec<u8> = (0..from).map(|i| (i % 251) as u8 + 1).collect();
                 write(&mut c, &fx.io(), 0, &data).unwrap();
                 truncate(&mut c, &fx.io(), to).unwrap();
@@ -642,9 +648,7 @@ mod tests {
     #[test]
     fn random_operations_match_a_model() {
         for seed in 0..8u64 {
-            let fx = fixture();
-            let mut c = Content::default();
-            load(&mut c, &fx.io()).unwrap();
+            let (fx, mut c) = loaded();
             let mut model: Vec<u8> = Vec::new();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for step in 0..300 {
@@ -700,9 +704,7 @@ mod tests {
 
     #[test]
     fn zeros_written_are_encrypted_but_holes_stay_holes() {
-        let fx = fixture();
-        let mut c = Content::default();
-        load(&mut c, &fx.io()).unwrap();
+        let (fx, mut c) = loaded();
         write(&mut c, &fx.io(), 0, &[0u8; 8192]).unwrap();
         truncate(&mut c, &fx.io(), 5 * 4096).unwrap();
         let mut raw = vec![0u8; 6 * 4096];
@@ -723,9 +725,7 @@ mod tests {
             (4096, 4111),
             (0, 8195),
         ] {
-            let fx = fixture();
-            let mut c = Content::default();
-            load(&mut c, &fx.io()).unwrap();
+            let (fx, mut c) = loaded();
             if from > 0 {
                 truncate(&mut c, &fx.io(), from).unwrap();
             }
@@ -740,9 +740,7 @@ mod tests {
             assert_eq!(fx.read_all(&c), vec![0u8; to as usize]);
         }
         // Punching a short tail rewrites it encrypted.
-        let fx = fixture();
-        let mut c = Content::default();
-        load(&mut c, &fx.io()).unwrap();
+        let (fx, mut c) = loaded();
         write(&mut c, &fx.io(), 0, &[7u8; 4100]).unwrap();
         fallocate(&mut c, &fx.io(), 4096, 4, PUNCH_HOLE | KEEP_SIZE).unwrap();
         let mut want = vec![7u8; 4096];
@@ -752,9 +750,7 @@ mod tests {
 
     #[test]
     fn seek_data_and_hole() {
-        let fx = fixture();
-        let mut c = Content::default();
-        load(&mut c, &fx.io()).unwrap();
+        let (fx, mut c) = loaded();
         write(&mut c, &fx.io(), 0, &[1u8; 4096]).unwrap();
         write(&mut c, &fx.io(), 10 * 4096, &[2u8; 100]).unwrap();
         assert_eq!(seek_data_hole(&c, &fx.io(), 0, false).unwrap(), 4096);
@@ -771,9 +767,7 @@ mod tests {
 
     #[test]
     fn unsupported_fallocate_modes_and_bad_lengths() {
-        let fx = fixture();
-        let mut c = Content::default();
-        load(&mut c, &fx.io()).unwrap();
+        let (fx, mut c) = loaded();
         assert!(matches!(
             fallocate(&mut c, &fx.io(), 0, 10, libc::FALLOC_FL_ZERO_RANGE),
             Err(FsError::NotSupported)

@@ -55,15 +55,11 @@ pub struct Inode {
     pub content: RwLock<Content>,
 }
 
-struct Tables {
-    by_id: HashMap<u64, (Arc<Inode>, u64)>,
-    by_key: HashMap<(u64, u64), u64>,
-}
-
-/// Node id → inode, and backing key → node id, with kernel lookup counts.
-/// The mutex protects both maps and the counts; it is never held across I/O.
+/// Node id → inode and its kernel lookup count. The node id is derived from the
+/// backing key (`id_for`), so no reverse map is needed.
 pub struct InodeTable {
-    tables: Mutex<Tables>,
+    /// Protects the map and the counts; never held across I/O.
+    by_id: Mutex<HashMap<u64, (Arc<Inode>, u64)>>,
     root_key: (u64, u64),
 }
 
@@ -79,10 +75,8 @@ impl InodeTable {
         });
         let mut by_id = HashMap::new();
         by_id.insert(ROOT_ID, (root, 1));
-        let mut by_key = HashMap::new();
-        by_key.insert(root_key, ROOT_ID);
         InodeTable {
-            tables: Mutex::new(Tables { by_id, by_key }),
+            by_id: Mutex::new(by_id),
             root_key,
         }
     }
@@ -99,9 +93,8 @@ impl InodeTable {
     }
 
     pub fn get(&self, id: u64) -> FsResult<Arc<Inode>> {
-        self.tables
+        self.by_id
             .lock()
-            .by_id
             .get(&id)
             .map(|(i, _)| i.clone())
             .ok_or(FsError::Stale)
@@ -111,8 +104,8 @@ impl InodeTable {
     /// inode or insert a new one, and count one kernel reference.
     pub fn remember(&self, key: (u64, u64), fd: OwnedFd, kind: FileKind) -> FsResult<Arc<Inode>> {
         let id = self.id_for(key);
-        let mut t = self.tables.lock();
-        if let Some((inode, count)) = t.by_id.get_mut(&id) {
+        let mut t = self.by_id.lock();
+        if let Some((inode, count)) = t.get_mut(&id) {
             if inode.key != key {
                 return Err(FsError::CrossDevice);
             }
@@ -126,8 +119,7 @@ impl InodeTable {
             kind,
             content: RwLock::new(Content::default()),
         });
-        t.by_id.insert(id, (inode.clone(), 1));
-        t.by_key.insert(key, id);
+        t.insert(id, (inode.clone(), 1));
         Ok(inode)
     }
 
@@ -136,16 +128,16 @@ impl InodeTable {
         if id == ROOT_ID {
             return;
         }
-        let mut t = self.tables.lock();
-        let gone = match t.by_id.get_mut(&id) {
+        let mut t = self.by_id.lock();
+        let gone = match t.get_mut(&id) {
             Some((_, count)) => {
                 *count = count.saturating_sub(n);
                 *count == 0
             }
             None => false,
         };
-        if gone && let Some((inode, _)) = t.by_id.remove(&id) {
-            t.by_key.remove(&inode.key);
+        if gone {
+            t.remove(&id);
         }
     }
 }
