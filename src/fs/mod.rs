@@ -557,13 +557,15 @@ impl EarFs {
             return Err(FsError::Os(Errno::ISDIR));
         }
         let (file, direct) = self.open_backing(&inode, flags)?;
-        // Check the header now: a damaged file fails at open, with EIO.
-        if inode.kind == FileKind::File {
+        // Check the header now: a damaged file fails at open, with EIO. Once loaded,
+        // an open takes no exclusive lock (unless it truncates).
+        let truncate = flags & libc::O_TRUNC != 0;
+        if inode.kind == FileKind::File && (truncate || !inode.content.read().is_loaded()) {
             let bp = || self.backing_path(&inode);
             let io = self.content_io(&file, None, &bp);
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
-            if flags & libc::O_TRUNC != 0 {
+            if truncate {
                 file::truncate(&mut c, &io, 0)?;
             }
         }
