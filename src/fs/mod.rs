@@ -616,15 +616,24 @@ impl EarFs {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
         let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
-        let c = h.inode.content.read();
+        let c = Self::shared_loaded(&h.inode, &io)?;
+        file::read(&c, &io, off, size, out)
+    }
+
+    /// The content lock held shared, with the content loaded (taking the lock
+    /// exclusively only for the first load).
+    fn shared_loaded<'a>(
+        inode: &'a Inode,
+        io: &file::Io<'_>,
+    ) -> FsResult<parking_lot::RwLockReadGuard<'a, Content>> {
+        let c = inode.content.read();
         if c.is_loaded() {
-            return file::read(&c, &io, off, size, out);
+            return Ok(c);
         }
         drop(c);
-        let mut w = h.inode.content.write();
-        file::load(&mut w, &io)?;
-        let c = parking_lot::RwLockWriteGuard::downgrade(w);
-        file::read(&c, &io, off, size, out)
+        let mut w = inode.content.write();
+        file::load(&mut w, io)?;
+        Ok(parking_lot::RwLockWriteGuard::downgrade(w))
     }
 
     /// Clear set-user-id, and set-group-id if group-executable, as a write or truncate
@@ -699,8 +708,7 @@ impl EarFs {
         };
         let bp = || self.backing_path(&h.inode);
         let io = self.content_io(&h.file, None, &bp);
-        let mut c = h.inode.content.write();
-        file::load(&mut c, &io)?;
+        let c = Self::shared_loaded(&h.inode, &io)?;
         let r = file::seek_data_hole(&c, &io, off, data)?;
         i64::try_from(r).map_err(|_| FsError::Invalid)
     }
