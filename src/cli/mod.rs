@@ -4,11 +4,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::daemon::{self, Failure, MountRequest, exit};
-use crate::kms::{ProviderSpec, create_key_file};
+use crate::kms::{ProviderSpec, Retry, create_key_file};
 use crate::volume::{self, VolumeConfig};
+
+mod kms;
 
 /// earfs: encryption at rest for database nodes (AES-256-XTS over FUSE, keys wrapped by your KMS).
 #[derive(Debug, Parser)]
@@ -19,22 +21,62 @@ pub struct Cli {
 }
 
 /// Key providers.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kms {
     /// A root-only key file on this machine (development, tests, quick start).
     Local,
+    /// A customer managed key in AWS KMS (--key-arn).
+    Aws,
+    /// A customer managed key in Google Cloud KMS (--key-resource).
+    Gcp,
+}
+
+/// Which key wraps the data keys, and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct KmsArgs {
+    /// Key provider that wraps the volume's data keys.
+    #[arg(long, value_enum)]
+    pub kms: Option<Kms>,
+    /// Local key file (--kms local); created with mode 0600 if absent.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// AWS KMS key ARN, or an alias ARN (resolved to its key at init) (--kms aws).
+    #[arg(long, value_name = "ARN")]
+    pub key_arn: Option<String>,
+    /// AWS region of the KMS endpoint; defaults to the key ARN's region (--kms aws).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Named profile of the AWS shared config and credentials files (--kms aws).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Google Cloud KMS key: projects/P/locations/L/keyRings/R/cryptoKeys/K, no version (--kms gcp).
+    #[arg(long, value_name = "RESOURCE")]
+    pub key_resource: Option<String>,
+    /// Credentials file: an AWS shared credentials file (--kms aws) or a Google service-account JSON key (--kms gcp). Mode 0600; never a secret on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// KMS endpoint other than the default (VPC or private endpoint, a test server).
+    #[arg(long, visible_alias = "endpoint", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Seconds that one KMS operation may take, retries of throttling, timeouts and 5xx included.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub kms_deadline: u64,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a volume in BACKING (an empty or new directory).
+    ///
+    /// With --kms aws or gcp the key is validated, a data key is made and unwrapped
+    /// through the KMS, and only then is earfs.conf written. With --join the new volume
+    /// takes the keyring of another node's volume (its earfs.conf, or a file from
+    /// `earfs export-keyring`) after proving that this node can unwrap it.
     Init {
-        /// Key provider that wraps the volume's data key.
-        #[arg(long, value_enum)]
-        kms: Kms,
-        /// Local key file (--kms local); created with mode 0600 if absent.
-        #[arg(long, required_if_eq("kms", "local"))]
-        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        kms: KmsArgs,
+        /// Join a cluster: use the keyring in FILE (an earfs.conf or an exported keyring).
+        #[arg(long, value_name = "FILE")]
+        join: Option<PathBuf>,
         /// Backing directory that will hold the encrypted files.
         backing: PathBuf,
     },
@@ -58,6 +100,9 @@ pub enum Command {
         /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// Seconds that unwrapping the data keys through the KMS may take, retries of throttling, timeouts and 5xx included.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        kms_deadline: u64,
         /// Backing directory of the volume (holds earfs.conf and the encrypted files).
         backing: PathBuf,
         /// Empty directory to mount the plaintext view on.
@@ -67,6 +112,32 @@ pub enum Command {
     Umount {
         /// The mountpoint (also clears the dead mount of a crashed daemon).
         mountpoint: PathBuf,
+    },
+    /// Preflight a KMS key: try every permission earfs needs, for real, and show each.
+    ///
+    /// Give either a key (--kms aws --key-arn …, --kms gcp --key-resource …) before
+    /// creating a volume, or the BACKING directory of an existing volume. Exits 0 only
+    /// if every check passes.
+    KmsCheck {
+        #[command(flatten)]
+        kms: KmsArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Backing directory of an existing volume.
+        backing: Option<PathBuf>,
+    },
+    /// Write the volume's keyring (wrapped data keys only) for other nodes to join with
+    /// `earfs init --join`. Unwraps through the KMS first to prove the keyring is whole.
+    ExportKeyring {
+        /// Output file (mode 0600); standard output if absent.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Seconds that the KMS may take (see mount --kms-deadline).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
     },
     /// Show a volume: id, cipher, sector size, key provider, key versions, AES kernel.
     Info {
@@ -97,11 +168,16 @@ fn default_threads() -> usize {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Init {
-            kms,
-            key_file,
+        Command::Init { kms, join, backing } => match join {
+            Some(file) => kms::join(&kms, &file, &backing),
+            None => init(&kms, backing),
+        },
+        Command::KmsCheck { kms, json, backing } => kms::check(&kms, json, backing.as_deref()),
+        Command::ExportKeyring {
+            output,
+            kms_deadline,
             backing,
-        } => init(kms, key_file, backing),
+        } => kms::export_keyring(&backing, output.as_deref(), kms_deadline),
         Command::Mount {
             foreground,
             allow_other,
@@ -109,6 +185,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             writeback_cache,
             options,
             log_file,
+            kms_deadline,
             backing,
             mountpoint,
         } => {
@@ -132,6 +209,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 threads,
                 writeback_cache,
                 options,
+                kms_retry: kms::retry(kms_deadline)?,
             };
             if foreground {
                 daemon::serve(&req)
@@ -145,24 +223,32 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn init(kms: Kms, key_file: Option<PathBuf>, backing: PathBuf) -> Result<(), Failure> {
-    let spec = match kms {
-        Kms::Local => {
-            let key_file = key_file
-                .ok_or_else(|| Failure::new(exit::USAGE, "--kms local needs --key-file"))?;
-            let key_file = daemon::absolute(&key_file);
-            if !key_file.exists() {
-                create_key_file(&key_file)?;
-                eprintln!(
-                    "created key file {} (mode 0600): keep it safe, without it the data is lost",
-                    key_file.display()
-                );
-            }
-            ProviderSpec::Local { key_file }
-        }
+fn init(args: &KmsArgs, backing: PathBuf) -> Result<(), Failure> {
+    let Some(kms) = args.kms else {
+        return Err(Failure::new(
+            exit::USAGE,
+            "earfs init needs --kms local|aws|gcp (or --join FILE)",
+        ));
     };
-    let provider = spec.open()?;
-    let cfg = volume::create(&backing, spec, provider.as_ref())?;
+    volume::check_new(&backing)?;
+    let cfg = if kms == Kms::Local {
+        let spec = kms::spec(args, kms)?;
+        if let ProviderSpec::Local { key_file } = &spec
+            && !key_file.exists()
+        {
+            create_key_file(key_file)?;
+            eprintln!(
+                "created key file {} (mode 0600): keep it safe, without it the data is lost",
+                key_file.display()
+            );
+        }
+        let provider = spec.open(Retry::default())?;
+        volume::create(&backing, spec, provider.as_ref())?
+    } else {
+        daemon::protect_key_material();
+        let (spec, provider) = kms::open_validated(args, kms)?;
+        volume::create(&backing, spec, provider.as_ref())?
+    };
     println!(
         "created earfs volume {} in {}",
         cfg.volume_id,
@@ -173,6 +259,7 @@ fn init(kms: Kms, key_file: Option<PathBuf>, backing: PathBuf) -> Result<(), Fai
         cfg.kms.name(),
         cfg.kms.key_reference()
     );
+    println!("keyring:      {}", cfg.keyring.id);
     if matches!(cfg.kms, ProviderSpec::Local { .. }) {
         println!(
             "note: the local key provider keeps the key on this machine; use a KMS for production data"

@@ -8,8 +8,8 @@ pub mod speed;
 pub mod xts;
 
 pub use keys::{
-    Dek, MacKey, Nonce, XtsKey, derive_config_mac_key, derive_file_key, derive_header_mac_key,
-    hmac_sha256, random_bytes, verify_hmac_sha256,
+    DEK_LEN, Dek, MacKey, Nonce, XtsKey, derive_config_mac_key, derive_file_key,
+    derive_header_mac_key, hmac_sha256, random_bytes, verify_hmac_sha256,
 };
 pub use xts::{SECTOR_SIZE, SectorCipher, implementation};
 

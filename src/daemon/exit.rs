@@ -32,3 +32,17 @@ pub const INIT_REFUSED: u8 = 21;
 pub const NOT_MOUNTED: u8 = 22;
 /// `earfs umount`: the mount is busy.
 pub const BUSY: u8 = 23;
+/// The KMS denied a call for lack of a permission.
+pub const KMS_DENIED: u8 = 24;
+/// The KMS key cannot be used: disabled, pending deletion, destroyed, not found, or of
+/// the wrong kind.
+pub const KMS_KEY_UNUSABLE: u8 = 25;
+/// The KMS could not be reached, or kept failing (throttling, timeouts, 5xx) until the
+/// KMS deadline passed.
+pub const KMS_UNAVAILABLE: u8 = 26;
+/// A CRC32C check of a KMS request or reply failed.
+pub const KMS_CHECKSUM: u8 = 27;
+/// No usable KMS credentials, or a credentials file that others can read.
+pub const KMS_CREDENTIALS: u8 = 28;
+/// `earfs kms-check`: at least one permission check failed.
+pub const KMS_CHECK_FAILED: u8 = 29;

@@ -19,7 +19,7 @@ use rustix::io::Errno;
 use crate::content::Keyring;
 use crate::fs::EarFs;
 use crate::fuse::{AdapterOptions, EarFuse, MountConfig};
-use crate::kms::KmsError;
+use crate::kms::{KmsError, Retry};
 use crate::volume::{VolumeConfig, VolumeError};
 
 pub use mountinfo::{MountEntry, find_mount};
@@ -51,10 +51,17 @@ fn kms_code(k: &KmsError) -> u8 {
     match k {
         KmsError::KeyFileMissing(_) => exit::KEY_MISSING,
         KmsError::KeyFileInsecure { .. } => exit::KEY_INSECURE,
-        KmsError::WrongKey(_) => exit::WRONG_KEY,
-        KmsError::KeyFileInvalid { .. } | KmsError::KeyFileIo { .. } | KmsError::Crypto(_) => {
-            exit::FAILURE
-        }
+        KmsError::WrongKey(_) | KmsError::InvalidCiphertext { .. } => exit::WRONG_KEY,
+        KmsError::InvalidReference(_) => exit::USAGE,
+        KmsError::Credentials(_) | KmsError::CredentialsInsecure { .. } => exit::KMS_CREDENTIALS,
+        KmsError::AccessDenied { .. } => exit::KMS_DENIED,
+        KmsError::KeyUnusable { .. } => exit::KMS_KEY_UNUSABLE,
+        KmsError::Checksum { .. } => exit::KMS_CHECKSUM,
+        KmsError::Transient { .. } | KmsError::DeadlineExceeded { .. } => exit::KMS_UNAVAILABLE,
+        KmsError::KeyFileInvalid { .. }
+        | KmsError::KeyFileIo { .. }
+        | KmsError::Rejected { .. }
+        | KmsError::Crypto(_) => exit::FAILURE,
     }
 }
 
@@ -87,6 +94,8 @@ pub struct MountRequest {
     pub threads: usize,
     pub writeback_cache: bool,
     pub options: Vec<String>,
+    /// Bounds of the KMS unwrap at start (retries of transient failures included).
+    pub kms_retry: Retry,
 }
 
 /// Environment variable naming the readiness pipe of a background daemon.
@@ -347,13 +356,19 @@ fn lock_memory() {
     }
 }
 
+/// For commands that hold plaintext keys (init, kms-check, export-keyring): keep them
+/// out of swap and out of core dumps.
+pub fn protect_key_material() {
+    lock_memory();
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+}
+
 fn prepare_process() {
     // The kernel has applied the caller's umask to every mode it sends; ours must not
     // apply again when the backing objects are created.
     rustix::process::umask(rustix::fs::Mode::empty());
-    lock_memory();
-    // No core dumps: the process holds key material.
-    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    // No swap, no core dumps: the process holds key material.
+    protect_key_material();
     // Every inode the kernel holds is an O_PATH descriptor: allow as many as we may.
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if let Some(max) = lim.maximum {
@@ -393,7 +408,14 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         let _ = std::env::set_current_dir("/");
     }
     let _lock = lock_volume(&backing)?;
-    let provider = cfg.kms.open()?;
+    log::info!(
+        "unwrapping the data keys of volume {} through {} ({}); KMS deadline {:?}",
+        cfg.volume_id,
+        cfg.kms.name(),
+        cfg.kms.key_reference(),
+        req.kms_retry.deadline
+    );
+    let provider = cfg.kms.open(req.kms_retry)?;
     let deks = cfg.unlock(&backing, provider.as_ref())?;
     let keys = Keyring::new(deks, cfg.keyring.current).ok_or_else(|| {
         Failure::new(

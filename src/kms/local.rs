@@ -13,7 +13,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
-use super::{KeyProvider, KmsError};
+use super::{KeyDescription, KeyProvider, KmsError, PermissionCheck, permission_check};
 use crate::crypto::{Dek, random_bytes};
 
 const KEY_LEN: usize = 32;
@@ -89,6 +89,13 @@ impl LocalProvider {
 }
 
 impl KeyProvider for LocalProvider {
+    fn validate(&self) -> Result<KeyDescription, KmsError> {
+        Ok(KeyDescription {
+            key: format!("key file {}", self.path.display()),
+            details: vec!["mode 0600 or stricter, 32-byte AES-256-GCM key".into()],
+        })
+    }
+
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError> {
         let dek = Dek::generate()?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -125,6 +132,24 @@ impl KeyProvider for LocalProvider {
                 .map_err(|_| self.wrong_key())?,
         );
         Ok(Dek::from_slice(&pt)?)
+    }
+
+    fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
+        let generated = self.generate(keyring_id);
+        let mut out = vec![permission_check("key file", "wrap", &generated, |_| {
+            format!("{} is private and wraps", self.path.display())
+        })];
+        let unwrapped = match (wrapped, &generated) {
+            (Some(w), _) => self
+                .unwrap(w, keyring_id)
+                .map(|_| "the volume's current data key"),
+            (None, Ok((_, w))) => self.unwrap(w, keyring_id).map(|_| "a fresh data key"),
+            (None, Err(e)) => Err(KmsError::WrongKey(e.to_string())),
+        };
+        out.push(permission_check("key file", "unwrap", &unwrapped, |what| {
+            format!("unwrapped {what}")
+        }));
+        out
     }
 }
 

@@ -1,17 +1,31 @@
 //! Key providers: wrap and unwrap volume data keys. Knows nothing of FUSE or files
-//! other than a provider's own key material (the `local` key file).
+//! other than a provider's own key material (the `local` key file) and credentials.
 //!
-//! `aws` and `gcp` plug in behind [`KeyProvider`] (issue: KMS key providers).
+//! - `local`: a root-only key file (development, tests, the quick start).
+//! - `aws`: a customer managed key in AWS KMS, by key ARN (`aws.rs`).
+//! - `gcp`: a customer managed key in Google Cloud KMS, by key resource id (`gcp.rs`).
+//!
+//! Every adapter classifies its vendor's errors into [`KmsError`], whose
+//! [`KmsError::is_retryable`] drives the one retry loop (`retry.rs`), and bounds every
+//! call with a timeout. See docs/kms.md.
 
+mod aws;
+mod creds;
+mod gcp;
 mod local;
+mod retry;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{CryptoError, Dek};
 
+pub use aws::{AwsKeyArn, AwsProvider};
+pub use gcp::{GcpKeyResource, GcpProvider};
 pub use local::{LocalProvider, create_key_file};
+pub use retry::Retry;
 
 /// Where a volume's data keys are wrapped; stored in `earfs.conf`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +34,33 @@ pub enum ProviderSpec {
     /// A root-only key file that wraps with AES-256-GCM. For development, tests and the
     /// quick start: the key sits on the same machine as the data.
     Local { key_file: PathBuf },
+    /// AWS KMS: a single-region symmetric key, by key ARN (aliases are resolved at init).
+    Aws {
+        key_arn: String,
+        /// Region of the KMS endpoint; defaults to the key ARN's region.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        /// A KMS endpoint other than the region's default (VPC endpoint, FIPS, a test server).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint_url: Option<String>,
+        /// A named profile of the shared config and credentials files.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<String>,
+        /// A shared credentials file (INI) to use instead of `~/.aws/credentials`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials_file: Option<PathBuf>,
+    },
+    /// Google Cloud KMS: a symmetric ENCRYPT_DECRYPT key, by resource id without a version.
+    Gcp {
+        key_resource: String,
+        /// A service-account JSON key file; otherwise GOOGLE_APPLICATION_CREDENTIALS or
+        /// the metadata server.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials: Option<PathBuf>,
+        /// A Cloud KMS endpoint other than the default (private service connect, a test server).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+    },
 }
 
 impl ProviderSpec {
@@ -27,6 +68,8 @@ impl ProviderSpec {
     pub fn name(&self) -> &'static str {
         match self {
             ProviderSpec::Local { .. } => "local",
+            ProviderSpec::Aws { .. } => "aws",
+            ProviderSpec::Gcp { .. } => "gcp",
         }
     }
 
@@ -34,23 +77,111 @@ impl ProviderSpec {
     pub fn key_reference(&self) -> String {
         match self {
             ProviderSpec::Local { key_file } => format!("key file {}", key_file.display()),
+            ProviderSpec::Aws { key_arn, .. } => key_arn.clone(),
+            ProviderSpec::Gcp { key_resource, .. } => key_resource.clone(),
         }
     }
 
-    /// Open the provider this spec names.
-    pub fn open(&self) -> Result<Box<dyn KeyProvider>, KmsError> {
+    /// Check the key reference and settings without contacting anything.
+    pub fn validate(&self) -> Result<(), KmsError> {
+        match self {
+            ProviderSpec::Local { .. } => Ok(()),
+            ProviderSpec::Aws {
+                key_arn, region, ..
+            } => AwsKeyArn::parse(key_arn)?
+                .region_for(region.as_deref())
+                .map(|_| ()),
+            ProviderSpec::Gcp { key_resource, .. } => {
+                GcpKeyResource::parse(key_resource).map(|_| ())
+            }
+        }
+    }
+
+    /// Open the provider this spec names. Contacts nothing yet: the first call
+    /// resolves credentials.
+    pub fn open(&self, retry: Retry) -> Result<Box<dyn KeyProvider>, KmsError> {
         match self {
             ProviderSpec::Local { key_file } => Ok(Box::new(LocalProvider::open(key_file)?)),
+            ProviderSpec::Aws {
+                key_arn,
+                region,
+                endpoint_url,
+                profile,
+                credentials_file,
+            } => Ok(Box::new(AwsProvider::open(
+                aws::AwsSettings {
+                    key: AwsKeyArn::parse(key_arn)?,
+                    region: region.clone(),
+                    endpoint_url: endpoint_url.clone(),
+                    profile: profile.clone(),
+                    credentials_file: credentials_file.clone(),
+                },
+                retry,
+            )?)),
+            ProviderSpec::Gcp {
+                key_resource,
+                credentials,
+                endpoint,
+            } => Ok(Box::new(GcpProvider::open(
+                gcp::GcpSettings {
+                    key: GcpKeyResource::parse(key_resource)?,
+                    credentials: credentials.clone(),
+                    endpoint: endpoint.clone(),
+                },
+                retry,
+            )?)),
         }
     }
 }
 
-/// A key provider: makes, wraps and unwraps data keys, each bound to a keyring id.
+/// What `validate` learned about the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDescription {
+    /// The key's canonical reference (an alias ARN resolves to the key ARN).
+    pub key: String,
+    /// Facts worth showing the user, one per line (state, spec, aliases, version).
+    pub details: Vec<String>,
+}
+
+/// One line of `earfs kms-check`: a permission, tried for real.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PermissionCheck {
+    /// The permission as operators grant it (`kms:Decrypt`, `cloudkms.keyRings.get`).
+    pub permission: &'static str,
+    /// The call that exercised it.
+    pub operation: &'static str,
+    pub ok: bool,
+    /// What came back: a short fact on success, the KMS's own reason on failure.
+    pub detail: String,
+}
+
+/// A key provider: validates its key, makes, wraps and unwraps data keys, each bound
+/// to a keyring id.
 pub trait KeyProvider: Send + Sync {
-    /// Make a fresh data key and its wrapped form, bound to `keyring_id`.
+    /// Check that the key exists and is usable for wrapping (state, type, usage).
+    fn validate(&self) -> Result<KeyDescription, KmsError>;
+    /// Make a fresh data key and its wrapped form, bound to `keyring_id`, proving that
+    /// it unwraps again.
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError>;
     /// Unwrap a data key that was bound to `keyring_id`.
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError>;
+    /// Try every permission the provider needs, for real. `wrapped` (a volume's current
+    /// wrapped key) is what the decrypt check unwraps when given.
+    fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck>;
+}
+
+/// The call a KMS error came from: provider, operation, key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KmsCall {
+    pub provider: &'static str,
+    pub operation: &'static str,
+    pub key: String,
+}
+
+impl std::fmt::Display for KmsCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} on {}", self.provider, self.operation, self.key)
+    }
 }
 
 /// Errors of the key providers, classified for the CLI and for retries.
@@ -74,6 +205,58 @@ pub enum KmsError {
     /// The wrapped key does not open under this key (wrong key, or altered keyring).
     #[error("the data key does not unwrap with {0}: wrong key, or earfs.conf was altered")]
     WrongKey(String),
+    /// A key reference or provider setting that cannot be right (checked offline).
+    #[error("{0}")]
+    InvalidReference(String),
+    /// No usable credentials, or the KMS does not accept them.
+    #[error("{0}")]
+    Credentials(String),
+    /// A credentials file that others can read.
+    #[error(
+        "credentials file {path} is readable or writable by group or others (mode {mode:04o}); run `chmod 600 {path}`"
+    )]
+    CredentialsInsecure { path: PathBuf, mode: u32 },
+    /// The KMS refused for lack of a permission.
+    #[error(
+        "{call} was denied: {reason} (grant {permission} to this node's identity; see docs/kms.md)"
+    )]
+    AccessDenied {
+        call: KmsCall,
+        permission: &'static str,
+        reason: String,
+    },
+    /// The key cannot be used: disabled, pending deletion, destroyed, not found, or of
+    /// the wrong kind.
+    #[error("{call} failed: the key cannot be used: {reason}")]
+    KeyUnusable { call: KmsCall, reason: String },
+    /// The KMS says the wrapped key was not made by this key or is bound to another
+    /// keyring id.
+    #[error(
+        "{call} failed: the wrapped data key was not made by this key, or is bound to another keyring ({reason})"
+    )]
+    InvalidCiphertext { call: KmsCall, reason: String },
+    /// A CRC32C check failed: the request or the reply was damaged in transit.
+    #[error(
+        "{call} failed: CRC32C mismatch in the {what}; the request or reply was damaged in transit"
+    )]
+    Checksum { call: KmsCall, what: String },
+    /// Throttling, a timeout, a connection failure or a 5xx: worth retrying.
+    #[error("{call} failed: {reason}")]
+    Transient { call: KmsCall, reason: String },
+    /// Retries of transient failures ran out of time.
+    #[error(
+        "{call} failed after {attempts} attempts in {elapsed:.1?} (KMS deadline {deadline:?}): {last}; check that the KMS is reachable from this node (docs/kms.md)"
+    )]
+    DeadlineExceeded {
+        call: KmsCall,
+        attempts: u32,
+        elapsed: Duration,
+        deadline: Duration,
+        last: String,
+    },
+    /// Any other definitive refusal or malformed reply.
+    #[error("{call} failed: {reason}")]
+    Rejected { call: KmsCall, reason: String },
     #[error("{0}")]
     Crypto(#[from] CryptoError),
 }
@@ -83,11 +266,62 @@ impl KmsError {
     pub fn is_retryable(&self) -> bool {
         match self {
             KmsError::KeyFileIo { source, .. } => source.kind() == std::io::ErrorKind::Interrupted,
+            KmsError::Transient { .. } => true,
             KmsError::KeyFileMissing(_)
             | KmsError::KeyFileInsecure { .. }
             | KmsError::KeyFileInvalid { .. }
             | KmsError::WrongKey(_)
+            | KmsError::InvalidReference(_)
+            | KmsError::Credentials(_)
+            | KmsError::CredentialsInsecure { .. }
+            | KmsError::AccessDenied { .. }
+            | KmsError::KeyUnusable { .. }
+            | KmsError::InvalidCiphertext { .. }
+            | KmsError::Checksum { .. }
+            | KmsError::DeadlineExceeded { .. }
+            | KmsError::Rejected { .. }
             | KmsError::Crypto(_) => false,
         }
+    }
+
+    /// The reason alone, as `kms-check` shows it next to a permission.
+    pub fn reason(&self) -> String {
+        match self {
+            KmsError::AccessDenied { reason, .. }
+            | KmsError::KeyUnusable { reason, .. }
+            | KmsError::InvalidCiphertext { reason, .. }
+            | KmsError::Transient { reason, .. }
+            | KmsError::Rejected { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A permission check from the outcome of the call that exercised it.
+fn permission_check<T>(
+    permission: &'static str,
+    operation: &'static str,
+    outcome: &Result<T, KmsError>,
+    ok_detail: impl FnOnce(&T) -> String,
+) -> PermissionCheck {
+    let (ok, detail) = match outcome {
+        Ok(v) => (true, ok_detail(v)),
+        Err(e) => (false, e.reason()),
+    };
+    PermissionCheck {
+        permission,
+        operation,
+        ok,
+        detail,
+    }
+}
+
+/// A permission that could not be tried because an earlier call failed.
+fn not_tried(permission: &'static str, operation: &'static str, why: &str) -> PermissionCheck {
+    PermissionCheck {
+        permission,
+        operation,
+        ok: false,
+        detail: format!("not tried: {why}"),
     }
 }

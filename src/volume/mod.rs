@@ -166,14 +166,7 @@ impl VolumeConfig {
         provider: &dyn KeyProvider,
     ) -> Result<Vec<(u32, Dek)>, VolumeError> {
         let path = config_path(backing);
-        let mut deks = Vec::with_capacity(self.keyring.keys.len());
-        for k in &self.keyring.keys {
-            let blob = B64.decode(&k.wrapped).map_err(|e| VolumeError::BadConfig {
-                path: path.clone(),
-                reason: format!("key version {}: {e}", k.version),
-            })?;
-            deks.push((k.version, provider.unwrap(&blob, &self.keyring.id)?));
-        }
+        let deks = unwrap_all(&self.keyring, provider, &path)?;
         let current = deks
             .iter()
             .find(|(v, _)| *v == self.keyring.current)
@@ -183,6 +176,22 @@ impl VolumeConfig {
             return Err(VolumeError::ConfigMac(path));
         }
         Ok(deks)
+    }
+
+    /// The current wrapped key, decoded.
+    pub fn current_wrapped(&self, backing: &Path) -> Result<Vec<u8>, VolumeError> {
+        let bad = |reason: String| VolumeError::BadConfig {
+            path: config_path(backing),
+            reason,
+        };
+        let k = self
+            .keyring
+            .keys
+            .iter()
+            .find(|k| k.version == self.keyring.current)
+            .ok_or_else(|| bad("current key version missing".into()))?;
+        B64.decode(&k.wrapped)
+            .map_err(|e| bad(format!("key version {}: {e}", k.version)))
     }
 
     /// Write the config atomically: tmp → fsync → rename → fsync(dir).
@@ -214,13 +223,9 @@ impl VolumeConfig {
     }
 }
 
-/// Create a new volume in `backing` (created if missing; must be empty otherwise)
-/// with one data key made by `provider`. Returns the saved config.
-pub fn create(
-    backing: &Path,
-    spec: ProviderSpec,
-    provider: &dyn KeyProvider,
-) -> Result<VolumeConfig, VolumeError> {
+/// Check that `backing` may become a new volume (missing, or an empty directory), before
+/// anything is asked of the KMS.
+pub fn check_new(backing: &Path) -> Result<(), VolumeError> {
     if config_path(backing).exists() {
         return Err(VolumeError::AlreadyAVolume(backing.to_path_buf()));
     }
@@ -229,15 +234,52 @@ pub fn create(
             if it.next().is_some() {
                 return Err(VolumeError::NotEmpty(backing.to_path_buf()));
             }
+            Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .create(backing)
-                .map_err(io(backing))?;
-        }
-        Err(e) => return Err(io(backing)(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(backing)(e)),
     }
+}
+
+/// Check again and create the directory if it is missing.
+fn prepare_dir(backing: &Path) -> Result<(), VolumeError> {
+    check_new(backing)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .create(backing)
+        .map_err(io(backing))
+}
+
+/// Seal and save a new volume with a fresh volume id.
+fn write_new(
+    backing: &Path,
+    spec: ProviderSpec,
+    keyring: StoredKeyring,
+    current: &Dek,
+) -> Result<VolumeConfig, VolumeError> {
+    prepare_dir(backing)?;
+    let mut cfg = VolumeConfig {
+        format: CONFIG_FORMAT,
+        volume_id: uuid::Uuid::new_v4().to_string(),
+        cipher: CIPHER.to_string(),
+        sector_size: SECTOR_SIZE,
+        kms: spec,
+        keyring,
+        mac: String::new(),
+    };
+    cfg.seal(current);
+    cfg.save(backing)?;
+    Ok(cfg)
+}
+
+/// Create a new volume in `backing` (created if missing; must be empty otherwise)
+/// with one data key made by `provider`. Returns the saved config.
+pub fn create(
+    backing: &Path,
+    spec: ProviderSpec,
+    provider: &dyn KeyProvider,
+) -> Result<VolumeConfig, VolumeError> {
+    check_new(backing)?;
     let keyring_id = uuid::Uuid::new_v4().to_string();
     let (dek, wrapped) = provider.generate(&keyring_id)?;
     // Prove the round trip before anything is written.
@@ -245,25 +287,178 @@ pub fn create(
     if back.expose() != dek.expose() {
         return Err(VolumeError::Kms(KmsError::WrongKey(spec.key_reference())));
     }
-    let mut cfg = VolumeConfig {
-        format: CONFIG_FORMAT,
-        volume_id: uuid::Uuid::new_v4().to_string(),
-        cipher: CIPHER.to_string(),
-        sector_size: SECTOR_SIZE,
-        kms: spec,
-        keyring: StoredKeyring {
-            id: keyring_id,
-            current: 1,
-            keys: vec![WrappedKey {
-                version: 1,
-                wrapped: B64.encode(&wrapped),
-            }],
-        },
-        mac: String::new(),
+    let keyring = StoredKeyring {
+        id: keyring_id,
+        current: 1,
+        keys: vec![WrappedKey {
+            version: 1,
+            wrapped: B64.encode(&wrapped),
+        }],
     };
-    cfg.seal(&dek);
-    cfg.save(backing)?;
-    Ok(cfg)
+    write_new(backing, spec, keyring, &dek)
+}
+
+/// Kind marker of an exported keyring file.
+pub const KEYRING_EXPORT_KIND: &str = "earfs-keyring";
+
+/// A cluster's keyring as `earfs export-keyring` writes it: the provider, the wrapped
+/// keys and a MAC keyed by the current data key. Holds no plaintext key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringExport {
+    pub kind: String,
+    pub format: u32,
+    /// The volume it was exported from (for the record; a joining node gets its own).
+    pub exported_from: String,
+    pub kms: ProviderSpec,
+    pub keyring: StoredKeyring,
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl KeyringExport {
+    fn canonical_bytes(&self) -> Vec<u8> {
+        let mut body = self.clone();
+        body.mac.clear();
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// The export of an unlocked volume.
+    pub fn of(cfg: &VolumeConfig, current: &Dek) -> KeyringExport {
+        let mut e = KeyringExport {
+            kind: KEYRING_EXPORT_KIND.to_string(),
+            format: CONFIG_FORMAT,
+            exported_from: cfg.volume_id.clone(),
+            kms: cfg.kms.clone(),
+            keyring: cfg.keyring.clone(),
+            mac: String::new(),
+        };
+        let tag = hmac_sha256(&derive_config_mac_key(current), &[&e.canonical_bytes()]);
+        e.mac = hex::encode(tag);
+        e
+    }
+
+    /// The file text.
+    pub fn to_text(&self) -> String {
+        format!(
+            "# earfs keyring export: wrapped data keys only, no plaintext key. Authenticated: do not edit.\n# Join a node with: earfs init --join THIS-FILE BACKING\n{}",
+            toml::to_string(self).unwrap_or_default()
+        )
+    }
+}
+
+/// What `earfs init --join` reads: another volume's `earfs.conf`, or an exported keyring.
+#[derive(Debug, Clone)]
+pub enum JoinSource {
+    Volume(VolumeConfig),
+    Export(KeyringExport),
+}
+
+impl JoinSource {
+    /// Read and parse a join file (no key needed yet).
+    pub fn read(path: &Path) -> Result<JoinSource, VolumeError> {
+        let text = fs::read_to_string(path).map_err(io(path))?;
+        let bad = |reason: String| VolumeError::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let value: toml::Table = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+        let src = if value.get("kind").and_then(|k| k.as_str()) == Some(KEYRING_EXPORT_KIND) {
+            let e: KeyringExport =
+                toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
+            if e.format != CONFIG_FORMAT {
+                return Err(bad(format!("unsupported format {}", e.format)));
+            }
+            JoinSource::Export(e)
+        } else {
+            let c: VolumeConfig = toml::from_str(&text).map_err(|e| {
+                bad(format!(
+                    "neither an earfs.conf nor an exported keyring: {}",
+                    e.message()
+                ))
+            })?;
+            JoinSource::Volume(c)
+        };
+        let ring = src.keyring();
+        if !ring.keys.iter().any(|k| k.version == ring.current) {
+            return Err(bad(format!(
+                "current key version {} is not in the keyring",
+                ring.current
+            )));
+        }
+        Ok(src)
+    }
+
+    pub fn kms(&self) -> &ProviderSpec {
+        match self {
+            JoinSource::Volume(c) => &c.kms,
+            JoinSource::Export(e) => &e.kms,
+        }
+    }
+
+    pub fn keyring(&self) -> &StoredKeyring {
+        match self {
+            JoinSource::Volume(c) => &c.keyring,
+            JoinSource::Export(e) => &e.keyring,
+        }
+    }
+
+    fn verify(&self, current: &Dek) -> bool {
+        match self {
+            JoinSource::Volume(c) => c.verify(current),
+            JoinSource::Export(e) => {
+                let Ok(tag) = hex::decode(&e.mac) else {
+                    return false;
+                };
+                verify_hmac_sha256(
+                    &derive_config_mac_key(current),
+                    &[&e.canonical_bytes()],
+                    &tag,
+                )
+            }
+        }
+    }
+}
+
+/// Unwrap every key of `keyring` through `provider`; returns the current one.
+fn unwrap_all(
+    keyring: &StoredKeyring,
+    provider: &dyn KeyProvider,
+    path: &Path,
+) -> Result<Vec<(u32, Dek)>, VolumeError> {
+    let mut deks = Vec::with_capacity(keyring.keys.len());
+    for k in &keyring.keys {
+        let blob = B64.decode(&k.wrapped).map_err(|e| VolumeError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("key version {}: {e}", k.version),
+        })?;
+        deks.push((k.version, provider.unwrap(&blob, &keyring.id)?));
+    }
+    Ok(deks)
+}
+
+/// Create a node's volume in `backing` with the keyring of `source` (`join_file`),
+/// after unwrapping every key through `provider` and authenticating the source with
+/// the current key. `spec` is this node's provider settings for the same key.
+pub fn join(
+    backing: &Path,
+    join_file: &Path,
+    source: &JoinSource,
+    spec: ProviderSpec,
+    provider: &dyn KeyProvider,
+) -> Result<VolumeConfig, VolumeError> {
+    check_new(backing)?;
+    let ring = source.keyring();
+    let deks = unwrap_all(ring, provider, join_file)?;
+    let current = deks
+        .iter()
+        .find(|(v, _)| *v == ring.current)
+        .map(|(_, d)| d)
+        .ok_or_else(|| VolumeError::ConfigMac(join_file.to_path_buf()))?;
+    if !source.verify(current) {
+        return Err(VolumeError::ConfigMac(join_file.to_path_buf()));
+    }
+    write_new(backing, spec, ring.clone(), current)
 }
 
 #[cfg(test)]

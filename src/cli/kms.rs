@@ -1,0 +1,379 @@
+//! The KMS commands: building a provider from flags, `init` against a KMS, `init --join`,
+//! `kms-check` and `export-keyring`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Kms, KmsArgs};
+use crate::daemon::{self, Failure, exit};
+use crate::kms::{KeyProvider, PermissionCheck, ProviderSpec, Retry};
+use crate::volume::{self, JoinSource, KeyringExport, VolumeConfig};
+
+/// The KMS bounds for a deadline in seconds.
+pub(super) fn retry(seconds: u64) -> Result<Retry, Failure> {
+    if !(1..=3600).contains(&seconds) {
+        return Err(Failure::new(
+            exit::USAGE,
+            "--kms-deadline must be between 1 and 3600 seconds",
+        ));
+    }
+    Ok(Retry::with_deadline(Duration::from_secs(seconds)))
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::new(exit::USAGE, msg)
+}
+
+/// Refuse flags that belong to another provider.
+fn refuse_foreign(args: &KmsArgs, kms: Kms) -> Result<(), Failure> {
+    let mut foreign = Vec::new();
+    if kms != Kms::Local && args.key_file.is_some() {
+        foreign.push("--key-file");
+    }
+    if kms != Kms::Aws {
+        for (set, name) in [
+            (args.key_arn.is_some(), "--key-arn"),
+            (args.region.is_some(), "--region"),
+            (args.profile.is_some(), "--profile"),
+        ] {
+            if set {
+                foreign.push(name);
+            }
+        }
+    }
+    if kms != Kms::Gcp && args.key_resource.is_some() {
+        foreign.push("--key-resource");
+    }
+    if kms == Kms::Local {
+        if args.credentials.is_some() {
+            foreign.push("--credentials");
+        }
+        if args.endpoint_url.is_some() {
+            foreign.push("--endpoint-url");
+        }
+    }
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "{} cannot be used with --kms {}",
+            foreign.join(", "),
+            kms_name(kms)
+        )))
+    }
+}
+
+fn kms_name(kms: Kms) -> &'static str {
+    match kms {
+        Kms::Local => "local",
+        Kms::Aws => "aws",
+        Kms::Gcp => "gcp",
+    }
+}
+
+/// The provider spec the flags describe (checked offline).
+pub(super) fn spec(args: &KmsArgs, kms: Kms) -> Result<ProviderSpec, Failure> {
+    refuse_foreign(args, kms)?;
+    let credentials = args.credentials.as_deref().map(daemon::absolute);
+    let spec = match kms {
+        Kms::Local => ProviderSpec::Local {
+            key_file: daemon::absolute(
+                args.key_file
+                    .as_deref()
+                    .ok_or_else(|| usage("--kms local needs --key-file"))?,
+            ),
+        },
+        Kms::Aws => ProviderSpec::Aws {
+            key_arn: args.key_arn.clone().ok_or_else(|| {
+                usage("--kms aws needs --key-arn arn:aws:kms:REGION:ACCOUNT:key/ID")
+            })?,
+            region: args.region.clone(),
+            endpoint_url: args.endpoint_url.clone(),
+            profile: args.profile.clone(),
+            credentials_file: credentials,
+        },
+        Kms::Gcp => ProviderSpec::Gcp {
+            key_resource: args.key_resource.clone().ok_or_else(|| {
+                usage(
+                    "--kms gcp needs --key-resource projects/P/locations/L/keyRings/R/cryptoKeys/K",
+                )
+            })?,
+            credentials,
+            endpoint: args.endpoint_url.clone(),
+        },
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Open the provider and validate its key; an AWS alias ARN is resolved to its key
+/// ARN, which is what the volume stores.
+pub(super) fn open_validated(
+    args: &KmsArgs,
+    kms: Kms,
+) -> Result<(ProviderSpec, Box<dyn KeyProvider>), Failure> {
+    let r = retry(args.kms_deadline)?;
+    let mut spec = spec(args, kms)?;
+    let provider = spec.open(r)?;
+    let desc = provider.validate()?;
+    println!("key: {}", desc.key);
+    for d in &desc.details {
+        println!("  {d}");
+    }
+    if let ProviderSpec::Aws { key_arn, .. } = &mut spec
+        && *key_arn != desc.key
+    {
+        println!("  (alias {key_arn} resolved to {})", desc.key);
+        *key_arn = desc.key;
+        let provider = spec.open(r)?;
+        return Ok((spec, provider));
+    }
+    Ok((spec, provider))
+}
+
+/// This node's settings for the source's key: the source's, with the per-node flags
+/// (credentials, profile, endpoint, region) applied. The key itself cannot change.
+fn join_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
+    if let Some(k) = args.kms
+        && kms_name(k) != source.name()
+    {
+        return Err(usage(format!(
+            "the keyring to join is wrapped by --kms {}, not {}",
+            source.name(),
+            kms_name(k)
+        )));
+    }
+    let mismatch = |flag: &str, given: &str| {
+        usage(format!(
+            "{flag} {given} is not the key of the keyring to join ({}); leave it out",
+            source.key_reference()
+        ))
+    };
+    let credentials = args.credentials.as_deref().map(daemon::absolute);
+    let spec = match source.clone() {
+        ProviderSpec::Local { key_file } => {
+            refuse_foreign(args, Kms::Local)?;
+            ProviderSpec::Local {
+                key_file: args
+                    .key_file
+                    .as_deref()
+                    .map(daemon::absolute)
+                    .unwrap_or(key_file),
+            }
+        }
+        ProviderSpec::Aws {
+            key_arn,
+            region,
+            endpoint_url,
+            profile,
+            credentials_file,
+        } => {
+            refuse_foreign(args, Kms::Aws)?;
+            if let Some(a) = &args.key_arn
+                && *a != key_arn
+            {
+                return Err(mismatch("--key-arn", a));
+            }
+            ProviderSpec::Aws {
+                key_arn,
+                region: args.region.clone().or(region),
+                endpoint_url: args.endpoint_url.clone().or(endpoint_url),
+                profile: args.profile.clone().or(profile),
+                credentials_file: credentials.or(credentials_file),
+            }
+        }
+        ProviderSpec::Gcp {
+            key_resource,
+            credentials: c,
+            endpoint,
+        } => {
+            refuse_foreign(args, Kms::Gcp)?;
+            if let Some(k) = &args.key_resource
+                && *k != key_resource
+            {
+                return Err(mismatch("--key-resource", k));
+            }
+            ProviderSpec::Gcp {
+                key_resource,
+                credentials: credentials.or(c),
+                endpoint: args.endpoint_url.clone().or(endpoint),
+            }
+        }
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// `earfs init --join FILE BACKING`.
+pub(super) fn join(args: &KmsArgs, file: &Path, backing: &Path) -> Result<(), Failure> {
+    volume::check_new(backing)?;
+    let source = JoinSource::read(file)?;
+    let spec = join_spec(args, source.kms())?;
+    daemon::protect_key_material();
+    let provider = spec.open(retry(args.kms_deadline)?)?;
+    let cfg = volume::join(backing, file, &source, spec, provider.as_ref())?;
+    println!(
+        "created earfs volume {} in {}, joined to keyring {} ({} key version(s), current {})",
+        cfg.volume_id,
+        backing.display(),
+        cfg.keyring.id,
+        cfg.keyring.keys.len(),
+        cfg.keyring.current
+    );
+    println!(
+        "key provider: {} ({})",
+        cfg.kms.name(),
+        cfg.kms.key_reference()
+    );
+    Ok(())
+}
+
+/// `earfs kms-check`: a key from the flags, or an existing volume's.
+pub(super) fn check(args: &KmsArgs, json: bool, backing: Option<&Path>) -> Result<(), Failure> {
+    let outcome = run_check(args, backing);
+    let (spec, checks) = match outcome {
+        Ok(v) => v,
+        Err(f) => {
+            if json {
+                let v = serde_json::json!({"ok": false, "error": f.message, "exit_code": f.code});
+                println!("{v:#}");
+            }
+            return Err(f);
+        }
+    };
+    let ok = checks.iter().all(|c| c.ok);
+    if json {
+        let v = serde_json::json!({
+            "ok": ok,
+            "provider": spec.name(),
+            "key": spec.key_reference(),
+            "checks": checks,
+        });
+        println!("{v:#}");
+    } else {
+        print_table(&spec, &checks);
+    }
+    if ok {
+        Ok(())
+    } else {
+        let failed: Vec<&str> = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.permission)
+            .collect();
+        Err(Failure::new(
+            exit::KMS_CHECK_FAILED,
+            format!(
+                "{} of {} checks failed: {}",
+                failed.len(),
+                checks.len(),
+                failed.join(", ")
+            ),
+        ))
+    }
+}
+
+fn run_check(
+    args: &KmsArgs,
+    backing: Option<&Path>,
+) -> Result<(ProviderSpec, Vec<PermissionCheck>), Failure> {
+    daemon::protect_key_material();
+    let r = retry(args.kms_deadline)?;
+    match backing {
+        Some(b) => {
+            if args.kms.is_some() || args.key_arn.is_some() || args.key_resource.is_some() {
+                return Err(usage(
+                    "give either a volume's BACKING directory or a key (--kms …), not both",
+                ));
+            }
+            let cfg = VolumeConfig::load(b)?;
+            let wrapped = cfg.current_wrapped(b)?;
+            let provider = cfg.kms.open(r)?;
+            let checks = provider.check(&cfg.keyring.id, Some(&wrapped));
+            Ok((cfg.kms, checks))
+        }
+        None => {
+            let kms = args.kms.ok_or_else(|| {
+                usage("earfs kms-check needs a volume's BACKING directory, or --kms aws|gcp with its key")
+            })?;
+            let spec = spec(args, kms)?;
+            let provider = spec.open(r)?;
+            let probe_ring = format!("earfs-kms-check-{}", uuid::Uuid::new_v4());
+            let checks = provider.check(&probe_ring, None);
+            Ok((spec, checks))
+        }
+    }
+}
+
+fn print_table(spec: &ProviderSpec, checks: &[PermissionCheck]) {
+    println!("key provider: {} ({})", spec.name(), spec.key_reference());
+    let pw = checks
+        .iter()
+        .map(|c| c.permission.len())
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    let ow = checks
+        .iter()
+        .map(|c| c.operation.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("{:<pw$}  {:<ow$}  RESULT", "PERMISSION", "CALL");
+    for c in checks {
+        println!(
+            "{:<pw$}  {:<ow$}  {:<6}  {}",
+            c.permission,
+            c.operation,
+            if c.ok { "ok" } else { "FAILED" },
+            c.detail
+        );
+    }
+}
+
+/// `earfs export-keyring BACKING [-o FILE]`.
+pub(super) fn export_keyring(
+    backing: &Path,
+    output: Option<&Path>,
+    deadline: u64,
+) -> Result<(), Failure> {
+    daemon::protect_key_material();
+    let cfg = VolumeConfig::load(backing)?;
+    let provider = cfg.kms.open(retry(deadline)?)?;
+    let deks = cfg.unlock(backing, provider.as_ref())?;
+    let current = deks
+        .iter()
+        .find(|(v, _)| *v == cfg.keyring.current)
+        .map(|(_, d)| d)
+        .ok_or_else(|| Failure::new(exit::BAD_CONFIG, "current key version missing"))?;
+    let text = KeyringExport::of(&cfg, current).to_text();
+    match output {
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+        Some(p) => {
+            let io =
+                |e: std::io::Error| Failure::new(exit::FAILURE, format!("{}: {e}", p.display()));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            eprintln!(
+                "wrote keyring {} ({} key version(s)) to {}; join a node with: earfs init --join {} BACKING",
+                cfg.keyring.id,
+                cfg.keyring.keys.len(),
+                p.display(),
+                p.display()
+            );
+            Ok(())
+        }
+    }
+}
