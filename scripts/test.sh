@@ -2,7 +2,9 @@
 # Installs the test dependencies and runs every test tier:
 #   1. static checks: cargo fmt, clippy, the layering check;
 #   2. unit and fs/ tests without a mount, and the format-v1 fixtures;
-#   3. real-mount tests of every operation (tests/mount.rs);
+#   3. real-mount tests of every operation (tests/mount.rs), on the local key provider
+#      and again on AWS KMS (moto) and Google Cloud KMS (our REST fake); the KMS
+#      providers end to end with faults (tests/kms.rs);
 #   4. peers' suites and real databases on a real mount (scripts/tier3/): fsx,
 #      pjdfstest (compared with gocryptfs), PostgreSQL, RocksDB, SQLite;
 #   and reports the XTS speed ratio against OpenSSL (a benchmark, not a pass/fail test).
@@ -15,6 +17,7 @@ step() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 step "dependencies"
 scripts/deps.sh
 scripts/deps-tier3.sh
+scripts/deps-kms.sh
 
 step "static checks"
 cargo fmt --all -- --check
@@ -24,11 +27,19 @@ scripts/check-layering.sh
 step "build"
 cargo build --release --all-targets
 
-step "unit, fs and real-mount tests"
+step "the KMS fakes' own tests"
+python3 tests/fakes/test_aws_kms_fake.py
+python3 tests/fakes/test_gcp_kms_fake.py
+
+step "unit, fs, KMS and real-mount tests"
 cargo test --release -- --test-threads=4
 
 step "real-mount tests again with the FUSE writeback cache"
 EARFS_TEST_MOUNT_ARGS=--writeback-cache cargo test --release --test mount -- --test-threads=4
+
+step "real-mount tests on a volume whose key is in AWS KMS (moto), then Google Cloud KMS (fake)"
+EARFS_TEST_KMS=aws cargo test --release --test mount -- --test-threads=4
+EARFS_TEST_KMS=gcp cargo test --release --test mount -- --test-threads=4
 
 step "speed: earfs vs openssl (benchmark, reported only)"
 EARFS_SPEED_CMD="$repo/target/release/earfs speed --json" scripts/speed-vs-openssl.sh || echo "speed ratio below target (see above); not a test failure on a shared machine"

@@ -184,7 +184,8 @@ impl AwsProvider {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5).min(retry.attempt_timeout))
-                    .operation_attempt_timeout(retry.attempt_timeout)
+                    // Our own per-attempt timeout (attempt_on) fires first; this is a backstop.
+                    .operation_attempt_timeout(retry.attempt_timeout + Duration::from_secs(1))
                     .build(),
             );
         if let Some(p) = &s.profile {
@@ -382,7 +383,9 @@ impl AwsProvider {
                     .map_err(|e| classify(&call, e))
             })
         })?;
+        // (An alias ARN is resolved by KMS itself; only a key ARN can be compared.)
         if let Some(k) = out.key_id()
+            && !self.key.is_alias
             && !arn_matches(k, &self.key.arn)
         {
             return Err(KmsError::InvalidCiphertext {

@@ -245,7 +245,7 @@ pub enum KmsError {
     Transient { call: KmsCall, reason: String },
     /// Retries of transient failures ran out of time.
     #[error(
-        "{call} failed after {attempts} attempts in {elapsed:.1?} (KMS deadline {deadline:?}): {last}; check that the KMS is reachable from this node (docs/kms.md)"
+        "{call} failed after {attempts} attempt(s) in {elapsed:.1?} (KMS deadline {deadline:?}): {last}; check that the KMS is reachable from this node (docs/kms.md)"
     )]
     DeadlineExceeded {
         call: KmsCall,

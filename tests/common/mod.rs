@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod kms;
+
 pub fn earfs() -> &'static str {
     env!("CARGO_BIN_EXE_earfs")
 }
@@ -80,7 +82,22 @@ impl Volume {
         let mnt = dir.path().join("mnt");
         let log = dir.path().join("daemon.log");
         std::fs::create_dir(&mnt).unwrap();
-        init_local(&key, &backing);
+        // EARFS_TEST_KMS=aws|gcp runs the whole suite on a volume whose key is in a
+        // (fake) KMS; otherwise the local key file.
+        match kms::suite_init_args() {
+            None => init_local(&key, &backing),
+            Some(mut args) => {
+                args.insert(0, "init".into());
+                args.push(backing.to_str().unwrap().into());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = run(&args);
+                assert!(
+                    out.status.success(),
+                    "init failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         Volume {
             dir,
             backing,

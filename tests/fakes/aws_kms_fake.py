@@ -895,6 +895,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="make moto authenticate requests and enforce IAM identity policies",
     )
+    ap.add_argument(
+        "--exit-on-stdin-eof",
+        action="store_true",
+        help="exit when standard input closes (the test process that started us ended)",
+    )
     args = ap.parse_args(argv)
 
     # Keep werkzeug's per-request access log quiet; tracebacks (ERROR) still show.
@@ -919,6 +924,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.exit_on_stdin_eof:
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 
     log(
         f"moto on 127.0.0.1:{STATE.moto_port}, proxy on 127.0.0.1:{port}, "

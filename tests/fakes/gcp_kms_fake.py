@@ -652,6 +652,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument(
+        "--exit-on-stdin-eof",
+        action="store_true",
+        help="exit when standard input closes (the test process that started us ended)",
+    )
     args = ap.parse_args(argv)
     host = "127.0.0.1" if args.host == "localhost" else args.host
     try:
@@ -673,6 +678,8 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.exit_on_stdin_eof:
+        threading.Thread(target=lambda: (sys.stdin.read(), stop(None, None)), daemon=True).start()
     print(f"listening on {handler.base_url}", flush=True)
     try:
         server.serve_forever(poll_interval=0.1)

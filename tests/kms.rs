@@ -1,0 +1,889 @@
+//! The KMS providers end to end, through the real binary: AWS KMS against moto behind
+//! a fault-injecting proxy, Google Cloud KMS against a REST fake that verifies the
+//! RS256 JWT and CRC32C. Each test starts its own fake on a free loopback port.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::kms::*;
+use common::*;
+use serde_json::{Value, json};
+
+/// Exit code, stdout, stderr.
+fn earfs_out(args: &[&str]) -> (i32, String, String) {
+    let out = run(args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (c, o, e) = earfs_out(args);
+    assert_eq!(c, 0, "earfs {args:?}: {e}\n{o}");
+    o
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::Builder::new()
+            .prefix("earfs-kms-test-")
+            .tempdir()
+            .unwrap())
+    }
+    fn p(&self, rel: &str) -> PathBuf {
+        self.0.path().join(rel)
+    }
+    fn mnt(&self, rel: &str) -> PathBuf {
+        let p = self.p(rel);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+fn conf_value(backing: &Path) -> toml::Table {
+    toml::from_str(&fs::read_to_string(backing.join("earfs.conf")).unwrap()).unwrap()
+}
+
+fn keyring_id(backing: &Path) -> String {
+    conf_value(backing)["keyring"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn check_json(args: &[&str]) -> (i32, Value) {
+    let mut a = vec!["kms-check", "--json"];
+    a.extend_from_slice(args);
+    let (c, o, e) = earfs_out(&a);
+    (
+        c,
+        serde_json::from_str(&o).unwrap_or_else(|_| panic!("{o}\n{e}")),
+    )
+}
+
+/// The (permission → ok) pairs of a kms-check JSON report.
+fn check_results(v: &Value) -> Vec<(String, bool)> {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["permission"].as_str().unwrap().to_string(),
+                c["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Write `data` through a fresh mount of `backing`, then read it back through another.
+fn write_and_read_back(backing: &Path, mnt: &Path, name: &str, data: &[u8]) {
+    {
+        let _m = mount_at(backing, mnt);
+        fs::write(mnt.join(name), data).unwrap();
+    }
+    assert!(!is_mounted(mnt));
+    let _m = mount_at(backing, mnt);
+    assert_eq!(fs::read(mnt.join(name)).unwrap(), data);
+}
+
+// ---------------------------------------------------------------- AWS KMS
+
+struct Aws {
+    fake: Fake,
+    dir: Dir,
+    creds: PathBuf,
+}
+
+impl Aws {
+    fn new(iam: bool) -> Aws {
+        let dir = Dir::new();
+        let creds = dir.p("aws-credentials");
+        aws_credentials_file(&creds, "AKIDTEST", "test-secret");
+        Aws {
+            fake: Fake::aws(iam),
+            dir,
+            creds,
+        }
+    }
+    /// Provider flags for `key` with the default credentials file.
+    fn flags(&self, key: &str) -> Vec<String> {
+        self.flags_with(key, &self.creds)
+    }
+    fn flags_with(&self, key: &str, creds: &Path) -> Vec<String> {
+        vec![
+            "--kms".into(),
+            "aws".into(),
+            "--key-arn".into(),
+            key.into(),
+            "--endpoint-url".into(),
+            self.fake.url.clone(),
+            "--credentials".into(),
+            s(creds).into(),
+        ]
+    }
+    fn init(&self, key: &str, backing: &Path) -> (i32, String, String) {
+        let mut a: Vec<String> = vec!["init".into()];
+        a.extend(self.flags(key));
+        a.push(s(backing).into());
+        earfs_out(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+    fn state(&self, key: &str, state: &str) {
+        self.fake
+            .post("/__fake/key-state", json!({ "keyId": key, "state": state }));
+    }
+    fn fault(&self, rule: Value) {
+        self.fake.post("/__fake/faults", rule);
+    }
+    fn reset(&self) {
+        self.fake.post("/__fake/reset", json!({}));
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn aws_check_init_mount_remount_and_join() {
+    let aws = Aws::new(false);
+    let (arn, alias) = aws_key(&aws.fake, "alias/earfs-db");
+    // Preflight before anything exists: every permission ok.
+    let flags = aws.flags(&alias);
+    let (c, v) = check_json(&strs(&flags));
+    assert_eq!(c, 0, "{v}");
+    let results = check_results(&v);
+    assert_eq!(
+        results.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+        [
+            "kms:DescribeKey",
+            "kms:ListAliases",
+            "kms:GenerateDataKeyWithoutPlaintext",
+            "kms:Decrypt",
+            "kms:Encrypt"
+        ]
+    );
+    assert!(results.iter().all(|(_, ok)| *ok), "{v}");
+    // init with the alias ARN: the volume stores the key ARN it resolves to.
+    let node1 = aws.dir.p("node1");
+    let (c, out, err) = aws.init(&alias, &node1);
+    assert_eq!(c, 0, "{err}");
+    assert!(out.contains("aliases: alias/earfs-db"), "{out}");
+    assert_eq!(
+        conf_value(&node1)["kms"]["key_arn"].as_str(),
+        Some(arn.as_str())
+    );
+    assert_eq!(conf_value(&node1)["kms"]["provider"].as_str(), Some("aws"));
+    // The wrapped key was made by GenerateDataKeyWithoutPlaintext, and Encrypt was tried.
+    assert_eq!(
+        aws.fake.count_requests("GenerateDataKeyWithoutPlaintext"),
+        2
+    );
+    assert!(aws.fake.count_requests("Encrypt") >= 2);
+    // Mount, write, unmount, remount: the data key unwraps through KMS Decrypt.
+    let decrypts = aws.fake.count_requests("Decrypt");
+    let mnt1 = aws.dir.mnt("mnt1");
+    write_and_read_back(&node1, &mnt1, "table.sst", b"rows of the database");
+    assert_eq!(aws.fake.count_requests("Decrypt"), decrypts + 2);
+    // The plaintext never reaches the backing directory.
+    for (p, bytes) in all_backing_bytes(&node1) {
+        assert!(
+            !contains(&bytes, b"rows of the database"),
+            "{}",
+            p.display()
+        );
+    }
+    // The same preflight for the existing volume decrypts its own wrapped key.
+    let (c, v) = check_json(&[s(&node1)]);
+    assert_eq!(c, 0, "{v}");
+    assert!(
+        v.to_string().contains("the volume's current data key"),
+        "{v}"
+    );
+    // A second node joins with node 1's earfs.conf, a third with an exported keyring.
+    let node2 = aws.dir.p("node2");
+    ok(&["init", "--join", s(&node1.join("earfs.conf")), s(&node2)]);
+    let export = aws.dir.p("keyring.toml");
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    assert_eq!(
+        fs::metadata(&export).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let node3 = aws.dir.p("node3");
+    let creds3 = aws.dir.p("node3-credentials");
+    aws_credentials_file(&creds3, "AKIDNODE3", "node3-secret");
+    ok(&[
+        "init",
+        "--join",
+        s(&export),
+        "--credentials",
+        s(&creds3),
+        s(&node3),
+    ]);
+    // One keyring id across the cluster, one volume id per node.
+    assert_eq!(keyring_id(&node2), keyring_id(&node1));
+    assert_eq!(keyring_id(&node3), keyring_id(&node1));
+    let vid = |b: &Path| conf_value(b)["volume_id"].as_str().unwrap().to_string();
+    assert_ne!(vid(&node1), vid(&node2));
+    assert_ne!(vid(&node2), vid(&node3));
+    assert_eq!(
+        conf_value(&node3)["kms"]["credentials_file"].as_str(),
+        Some(s(&creds3))
+    );
+    // The same data key: a file copied from node 1's backing reads on node 3.
+    fs::copy(node1.join("table.sst"), node3.join("table.sst")).unwrap();
+    let mnt3 = aws.dir.mnt("mnt3");
+    let _m = mount_at(&node3, &mnt3);
+    assert_eq!(
+        fs::read(mnt3.join("table.sst")).unwrap(),
+        b"rows of the database"
+    );
+    // A join file that was altered is refused (its MAC is keyed by the data key).
+    let text = fs::read_to_string(&export).unwrap();
+    let bad = aws.dir.p("bad-keyring.toml");
+    fs::write(
+        &bad,
+        text.replace("exported_from = \"", "exported_from = \"x"),
+    )
+    .unwrap();
+    let (c, _, err) = earfs_out(&["init", "--join", s(&bad), s(&aws.dir.p("node4"))]);
+    assert_eq!(c, 15, "{err}");
+    assert!(!aws.dir.p("node4").join("earfs.conf").exists());
+}
+
+#[test]
+fn aws_bad_keys_are_refused_with_reasons() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/good");
+    let init_code = |key: &str, name: &str| {
+        let b = aws.dir.p(name);
+        let (c, _, err) = aws.init(key, &b);
+        assert!(!b.join("earfs.conf").exists(), "{name}: {err}");
+        (c, err)
+    };
+    // Not an ARN, wrong region, unknown key.
+    let key_id = arn.rsplit('/').next().unwrap().to_string();
+    let (c, err) = init_code(&key_id, "bare");
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("not an AWS KMS key ARN"), "{err}");
+    let mut flags = aws.flags(&arn);
+    flags.extend(["--region".to_string(), "eu-west-1".to_string()]);
+    let mut a = vec!["init".to_string()];
+    a.extend(flags);
+    a.push(s(&aws.dir.p("region")).into());
+    let (c, _, err) = earfs_out(&strs(&a));
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("is in region us-east-1"), "{err}");
+    let missing = arn.replace(&key_id, "00000000-0000-0000-0000-000000000000");
+    let (c, err) = init_code(&missing, "missing");
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("NotFoundException"), "{err}");
+    // A multi-region key and an asymmetric key are refused by DescribeKey.
+    let mrk = aws
+        .fake
+        .post("/__fake/keys", json!({ "multiRegion": true }))["arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (c, err) = init_code(&mrk, "mrk");
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("multi-region"), "{err}");
+    let rsa = aws.fake.post(
+        "/__fake/keys",
+        json!({ "keySpec": "RSA_2048", "keyUsage": "ENCRYPT_DECRYPT" }),
+    )["arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (c, err) = init_code(&rsa, "rsa");
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("RSA_2048"), "{err}");
+    // Disabled and pending deletion: init writes nothing, mount fails fast.
+    let node = aws.dir.p("node");
+    assert_eq!(aws.init(&arn, &node).0, 0);
+    let mnt = aws.dir.mnt("mnt");
+    for (state, words) in [
+        ("Disabled", "DisabledException"),
+        ("PendingDeletion", "pending deletion"),
+    ] {
+        aws.state(&arn, state);
+        let (c, err) = init_code(&arn, &format!("init-{state}"));
+        assert_eq!(c, 25, "{state}: {err}");
+        let before = aws.fake.count_requests("Decrypt");
+        let (c, _, err) = earfs_out(&["mount", s(&node), s(&mnt)]);
+        assert_eq!(c, 25, "{state}: {err}");
+        assert!(err.contains(words) && err.contains(&arn), "{err}");
+        assert!(err.contains("Decrypt"), "{err}");
+        assert!(!is_mounted(&mnt));
+        // Not retried: a definitive failure.
+        assert_eq!(aws.fake.count_requests("Decrypt"), before + 1);
+        let (c, v) = check_json(&[s(&node)]);
+        assert_eq!(c, 29, "{v}");
+        assert!(!check_results(&v)[0].1, "DescribeKey shows the state: {v}");
+    }
+    aws.reset();
+    drop(mount_at(&node, &mnt));
+}
+
+#[test]
+fn aws_wrapped_keys_are_bound_to_their_key_and_keyring() {
+    let aws = Aws::new(false);
+    let (arn1, _) = aws_key(&aws.fake, "alias/one");
+    let (arn2, _) = aws_key(&aws.fake, "alias/two");
+    let a = aws.dir.p("a");
+    let b = aws.dir.p("b");
+    assert_eq!(aws.init(&arn1, &a).0, 0);
+    assert_eq!(aws.init(&arn1, &b).0, 0);
+    let mnt = aws.dir.mnt("mnt");
+    // B's wrapped key moved into A's config: same CMK, other keyring id → the
+    // encryption context does not match and KMS refuses.
+    let wrapped = |p: &Path| {
+        conf_value(p)["keyring"]["keys"][0]["wrapped"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let conf = a.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, text.replace(&wrapped(&a), &wrapped(&b))).unwrap();
+    let (c, _, err) = earfs_out(&["mount", s(&a), s(&mnt)]);
+    assert_eq!(c, 14, "{err}");
+    assert!(err.contains("bound to another keyring"), "{err}");
+    fs::write(&conf, &text).unwrap();
+    // The config pointed at another key: KMS refuses to decrypt with it.
+    fs::write(&conf, text.replace(&arn1, &arn2)).unwrap();
+    let (c, _, err) = earfs_out(&["mount", s(&a), s(&mnt)]);
+    assert_eq!(c, 14, "{err}");
+    assert!(err.contains(&arn2), "{err}");
+    fs::write(&conf, &text).unwrap();
+    drop(mount_at(&a, &mnt));
+}
+
+#[test]
+fn aws_throttling_5xx_and_slow_replies_are_retried_within_the_deadline() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/busy");
+    let node = aws.dir.p("node");
+    assert_eq!(aws.init(&arn, &node).0, 0);
+    let mnt = aws.dir.mnt("mnt");
+    let log = aws.dir.p("daemon.log");
+    let mount = |deadline: &str| {
+        earfs_out(&[
+            "mount",
+            "--kms-deadline",
+            deadline,
+            "--log-file",
+            s(&log),
+            s(&node),
+            s(&mnt),
+        ])
+    };
+    // Two throttles, a KMS 500 and a load balancer's 503, then success.
+    aws.fault(json!({"op": "Decrypt", "count": 2, "errorType": "ThrottlingException", "message": "Rate exceeded"}));
+    aws.fault(
+        json!({"op": "Decrypt", "count": 1, "status": 500, "errorType": "KMSInternalException"}),
+    );
+    aws.fault(json!({"op": "Decrypt", "count": 1, "errorType": "raw"}));
+    let before = aws.fake.count_requests("Decrypt");
+    let (c, _, err) = mount("30");
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(aws.fake.count_requests("Decrypt"), before + 5);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("attempt 1 failed (ThrottlingException: Rate exceeded)"),
+        "{text}"
+    );
+    assert!(text.contains("attempt 4 failed"), "{text}");
+    force_unmount(&mnt);
+    // Throttled without end: gives up at the deadline with the last reason.
+    aws.fault(json!({"op": "Decrypt", "count": -1, "errorType": "ThrottlingException", "message": "Rate exceeded"}));
+    let start = std::time::Instant::now();
+    let (c, _, err) = mount("2");
+    assert_eq!(c, 26, "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    assert!(
+        err.contains("attempt(s)") && err.contains("Rate exceeded"),
+        "{err}"
+    );
+    assert!(!is_mounted(&mnt));
+    aws.reset();
+    // A reply slower than the deadline: the attempt times out.
+    aws.fault(json!({"op": "Decrypt", "count": -1, "delayMs": 4000}));
+    let (c, _, err) = mount("2");
+    assert_eq!(c, 26, "{err}");
+    assert!(err.contains("no reply within"), "{err}");
+    aws.reset();
+    // One slow reply within the deadline is just slow.
+    aws.fault(json!({"op": "Decrypt", "count": 1, "delayMs": 1500}));
+    let (c, _, err) = mount("20");
+    assert_eq!(c, 0, "{err}");
+    force_unmount(&mnt);
+    // Unreachable KMS (nothing listens): retried, then exit 26 naming the cause.
+    let conf = node.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    // The endpoint is part of the authenticated config: make a volume that points there.
+    let lost = aws.dir.p("lost");
+    let mut a = vec!["init".to_string()];
+    a.extend(aws.flags(&arn));
+    a.push(s(&lost).into());
+    ok(&strs(&a));
+    let lost_text = fs::read_to_string(lost.join("earfs.conf")).unwrap();
+    fs::write(
+        lost.join("earfs.conf"),
+        lost_text.replace(&aws.fake.url, &dead),
+    )
+    .unwrap();
+    let (c, _, err) = earfs_out(&["mount", "--kms-deadline", "2", s(&lost), s(&mnt)]);
+    // The changed endpoint breaks the MAC only after unwrapping, so the KMS error wins.
+    assert_eq!(c, 26, "{err}");
+    assert!(err.contains("cannot reach the KMS endpoint"), "{err}");
+    assert_eq!(fs::read_to_string(&conf).unwrap(), text);
+}
+
+#[test]
+fn aws_missing_permissions_and_bad_credentials_are_named() {
+    let aws = Aws::new(true);
+    let (arn, _) = aws_key(&aws.fake, "alias/iam");
+    let user = |name: &str, actions: &[&str]| {
+        let v = aws
+            .fake
+            .post("/__fake/users", json!({ "name": name, "actions": actions }));
+        let p = aws.dir.p(&format!("{name}-credentials"));
+        aws_credentials_file(
+            &p,
+            v["accessKeyId"].as_str().unwrap(),
+            v["secretAccessKey"].as_str().unwrap(),
+        );
+        p
+    };
+    let all = [
+        "kms:DescribeKey",
+        "kms:ListAliases",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:Decrypt",
+        "kms:Encrypt",
+    ];
+    let admin = user("admin", &all);
+    let no_aliases = user(
+        "no-aliases",
+        &all[..1]
+            .iter()
+            .chain(&all[2..])
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    let no_decrypt = user(
+        "no-decrypt",
+        &[
+            "kms:DescribeKey",
+            "kms:ListAliases",
+            "kms:GenerateDataKeyWithoutPlaintext",
+            "kms:Encrypt",
+        ],
+    );
+    // kms-check names exactly the missing action, with the KMS's own reason.
+    let (c, v) = check_json(&strs(&aws.flags_with(&arn, &no_aliases)));
+    assert_eq!(c, 29, "{v}");
+    let failed: Vec<_> = check_results(&v)
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(failed, ["kms:ListAliases"], "{v}");
+    assert!(
+        v.to_string()
+            .contains("not authorized to perform: kms:ListAliases"),
+        "{v}"
+    );
+    let (c, out, _) = earfs_out(
+        &{
+            let mut a = vec!["kms-check".to_string()];
+            a.extend(aws.flags_with(&arn, &no_aliases));
+            a
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(c, 29);
+    assert!(
+        out.contains("kms:ListAliases") && out.contains("FAILED"),
+        "{out}"
+    );
+    // init with a node that may not ListAliases is refused before writing anything.
+    let b = aws.dir.p("b");
+    let mut a = vec!["init".to_string()];
+    a.extend(aws.flags_with(&arn, &no_aliases));
+    a.push(s(&b).into());
+    let (c, _, err) = earfs_out(&strs(&a));
+    assert_eq!(c, 24, "{err}");
+    assert!(err.contains("grant kms:ListAliases"), "{err}");
+    assert!(!b.join("earfs.conf").exists());
+    // A volume made by an admin, then mounted by a node without kms:Decrypt.
+    let mut a = vec!["init".to_string()];
+    a.extend(aws.flags_with(&arn, &admin));
+    a.push(s(&b).into());
+    ok(&strs(&a));
+    let node = aws.dir.p("node");
+    ok(&["init", "--join", s(&b.join("earfs.conf")), s(&node)]);
+    let conf = node.join("earfs.conf");
+    // Joining with another node's credentials proves that node may decrypt: refused.
+    let c2 = aws.dir.p("node-nd");
+    let (c, _, err) = earfs_out(&[
+        "init",
+        "--join",
+        s(&b.join("earfs.conf")),
+        "--credentials",
+        s(&no_decrypt),
+        s(&c2),
+    ]);
+    assert_eq!(c, 24, "{err}");
+    assert!(err.contains("kms:Decrypt"), "{err}");
+    assert!(
+        fs::read_to_string(&conf)
+            .unwrap()
+            .contains("admin-credentials")
+    );
+    let mnt = aws.dir.mnt("mnt");
+    drop(mount_at(&node, &mnt));
+    // Unknown access key: a credentials error, not a permission one.
+    let stranger = aws.dir.p("stranger");
+    aws_credentials_file(&stranger, "AKIDUNKNOWN", "nope");
+    let (c, v) = check_json(&strs(&aws.flags_with(&arn, &stranger)));
+    assert_eq!(c, 29, "{v}");
+    assert!(
+        v.to_string()
+            .contains("security token included in the request is invalid"),
+        "{v}"
+    );
+    let mut a = vec!["init".to_string()];
+    a.extend(aws.flags_with(&arn, &stranger));
+    a.push(s(&aws.dir.p("c")).into());
+    let (c, _, err) = earfs_out(&strs(&a));
+    assert_eq!(c, 28, "{err}");
+    // A credentials file that others can read is refused, with the fix.
+    fs::set_permissions(&admin, fs::Permissions::from_mode(0o644)).unwrap();
+    let (c, _, err) = earfs_out(&["mount", s(&b), s(&mnt)]);
+    assert_eq!(c, 28, "{err}");
+    assert!(
+        err.contains("chmod 600") && err.contains("admin-credentials"),
+        "{err}"
+    );
+    assert!(!is_mounted(&mnt));
+}
+
+// ---------------------------------------------------------------- Google Cloud KMS
+
+struct Gcp {
+    fake: Fake,
+    dir: Dir,
+    sa: PathBuf,
+    key: String,
+}
+
+const ALL_GCP: [&str; 5] = [
+    "cloudkms.keyRings.get",
+    "cloudkms.cryptoKeys.get",
+    "cloudkms.locations.generateRandomBytes",
+    "cloudkms.cryptoKeyVersions.useToEncrypt",
+    "cloudkms.cryptoKeyVersions.useToDecrypt",
+];
+
+impl Gcp {
+    fn new() -> Gcp {
+        let fake = Fake::gcp();
+        let dir = Dir::new();
+        let sa = dir.p("sa.json");
+        gcp_service_account(&fake, "node@p.iam.gserviceaccount.com", &ALL_GCP, &sa);
+        let key = gcp_key(&fake, "earfs", "data");
+        Gcp { fake, dir, sa, key }
+    }
+    fn flags_with(&self, key: &str, sa: &Path) -> Vec<String> {
+        vec![
+            "--kms".into(),
+            "gcp".into(),
+            "--key-resource".into(),
+            key.into(),
+            "--endpoint-url".into(),
+            self.fake.url.clone(),
+            "--credentials".into(),
+            s(sa).into(),
+        ]
+    }
+    fn init(&self, key: &str, backing: &Path) -> (i32, String, String) {
+        let mut a = vec!["init".to_string()];
+        a.extend(self.flags_with(key, &self.sa));
+        a.push(s(backing).into());
+        earfs_out(&strs(&a))
+    }
+    fn fault(&self, rule: Value) {
+        self.fake.post("/__fake/faults", rule);
+    }
+    fn version_state(&self, state: &str) {
+        self.fake.post(
+            "/__fake/crypto-keys/version-state",
+            json!({ "name": self.key, "state": state }),
+        );
+    }
+    fn permissions(&self, perms: &[&str]) {
+        self.fake.post(
+            "/__fake/permissions",
+            json!({ "email": "node@p.iam.gserviceaccount.com", "permissions": perms }),
+        );
+    }
+}
+
+#[test]
+fn gcp_check_init_mount_remount_rotate_and_join() {
+    let g = Gcp::new();
+    let (c, v) = check_json(&strs(&g.flags_with(&g.key, &g.sa)));
+    assert_eq!(c, 0, "{v}");
+    assert_eq!(
+        check_results(&v),
+        ALL_GCP
+            .iter()
+            .map(|p| (p.to_string(), true))
+            .collect::<Vec<_>>()
+    );
+    let node1 = g.dir.p("node1");
+    let (c, out, err) = g.init(&g.key, &node1);
+    assert_eq!(c, 0, "{err}");
+    assert!(out.contains("primary version: 1 (ENABLED, HSM)"), "{out}");
+    assert_eq!(
+        conf_value(&node1)["kms"]["key_resource"].as_str(),
+        Some(g.key.as_str())
+    );
+    // Every API call was authenticated with the service account's JWT.
+    let reqs = g.fake.get("/__fake/requests");
+    for r in reqs.as_array().unwrap() {
+        assert_eq!(r["email"], "node@p.iam.gserviceaccount.com", "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+    }
+    // One by kms-check, one by init.
+    assert_eq!(g.fake.count_requests(":generateRandomBytes"), 2);
+    let mnt1 = g.dir.mnt("mnt1");
+    write_and_read_back(&node1, &mnt1, "wal.log", b"write-ahead log record");
+    // After rotation the old version still unwraps; new volumes wrap with the new one.
+    g.fake
+        .post("/__fake/crypto-keys/rotate", json!({ "name": g.key }));
+    {
+        let _m = mount_at(&node1, &mnt1);
+        assert_eq!(
+            fs::read(mnt1.join("wal.log")).unwrap(),
+            b"write-ahead log record"
+        );
+    }
+    let (c, v) = check_json(&[s(&node1)]);
+    assert_eq!(c, 0, "{v}");
+    assert!(v.to_string().contains("primary version: 2"), "{v}");
+    // A second node joins with an exported keyring and reads node 1's file.
+    let export = g.dir.p("keyring.toml");
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    let node2 = g.dir.p("node2");
+    ok(&["init", "--join", s(&export), s(&node2)]);
+    assert_eq!(keyring_id(&node2), keyring_id(&node1));
+    fs::copy(node1.join("wal.log"), node2.join("wal.log")).unwrap();
+    let mnt2 = g.dir.mnt("mnt2");
+    let _m = mount_at(&node2, &mnt2);
+    assert_eq!(
+        fs::read(mnt2.join("wal.log")).unwrap(),
+        b"write-ahead log record"
+    );
+}
+
+#[test]
+fn gcp_bad_keys_versions_and_states_are_refused() {
+    let g = Gcp::new();
+    let versioned = format!("{}/cryptoKeyVersions/1", g.key);
+    let (c, _, err) = g.init(&versioned, &g.dir.p("v"));
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("without /cryptoKeyVersions/N"), "{err}");
+    // Wrong purpose.
+    let sign = "projects/p/locations/global/keyRings/earfs/cryptoKeys/sign";
+    g.fake.post(
+        "/__fake/crypto-keys",
+        json!({ "name": sign, "purpose": "ASYMMETRIC_SIGN" }),
+    );
+    let (c, _, err) = g.init(&sign, &g.dir.p("sign"));
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("ENCRYPT_DECRYPT"), "{err}");
+    // Unknown key.
+    let missing = "projects/p/locations/global/keyRings/earfs/cryptoKeys/nope";
+    let (c, _, err) = g.init(missing, &g.dir.p("missing"));
+    assert_eq!(c, 25, "{err}");
+    assert!(
+        err.contains("NOT_FOUND") || err.contains("not found"),
+        "{err}"
+    );
+    // Disabled or destroyed primary: init refuses, mount fails fast.
+    let node = g.dir.p("node");
+    assert_eq!(g.init(&g.key, &node).0, 0);
+    let mnt = g.dir.mnt("mnt");
+    g.version_state("DISABLED");
+    let (c, _, err) = g.init(&g.key, &g.dir.p("disabled"));
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("DISABLED"), "{err}");
+    assert!(!g.dir.p("disabled").join("earfs.conf").exists());
+    let before = g.fake.count_requests(":decrypt");
+    let (c, _, err) = earfs_out(&["mount", s(&node), s(&mnt)]);
+    assert_eq!(c, 25, "{err}");
+    assert!(
+        err.contains("cryptoKeys.decrypt") && err.contains("not enabled"),
+        "{err}"
+    );
+    assert_eq!(g.fake.count_requests(":decrypt"), before + 1);
+    g.version_state("ENABLED");
+    drop(mount_at(&node, &mnt));
+    // A wrapped key moved to another keyring id: the AAD does not match.
+    let other = g.dir.p("other");
+    assert_eq!(g.init(&g.key, &other).0, 0);
+    let w = |p: &Path| {
+        conf_value(p)["keyring"]["keys"][0]["wrapped"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let conf = node.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, text.replace(&w(&node), &w(&other))).unwrap();
+    let (c, _, err) = earfs_out(&["mount", s(&node), s(&mnt)]);
+    assert_eq!(c, 14, "{err}");
+    fs::write(&conf, &text).unwrap();
+    // Destroyed: the data key is gone for good.
+    g.version_state("DESTROYED");
+    let (c, _, err) = earfs_out(&["mount", s(&node), s(&mnt)]);
+    assert_eq!(c, 25, "{err}");
+    assert!(err.contains("DESTROYED"), "{err}");
+}
+
+#[test]
+fn gcp_permissions_credentials_faults_and_crc() {
+    let g = Gcp::new();
+    let node = g.dir.p("node");
+    assert_eq!(g.init(&g.key, &node).0, 0);
+    let mnt = g.dir.mnt("mnt");
+    let log = g.dir.p("daemon.log");
+    let mount = |deadline: &str| {
+        earfs_out(&[
+            "mount",
+            "--kms-deadline",
+            deadline,
+            "--log-file",
+            s(&log),
+            s(&node),
+            s(&mnt),
+        ])
+    };
+    // Permission revoked: kms-check names it; mount fails with exit 24 naming it.
+    g.permissions(&ALL_GCP[..4]);
+    let (c, v) = check_json(&[s(&node)]);
+    assert_eq!(c, 29, "{v}");
+    let failed: Vec<_> = check_results(&v)
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(failed, ["cloudkms.cryptoKeyVersions.useToDecrypt"], "{v}");
+    assert!(v.to_string().contains("PERMISSION_DENIED"), "{v}");
+    let (c, _, err) = mount("10");
+    assert_eq!(c, 24, "{err}");
+    assert!(
+        err.contains("grant cloudkms.cryptoKeyVersions.useToDecrypt"),
+        "{err}"
+    );
+    g.permissions(&ALL_GCP);
+    // 429 and 503 are retried; the mount comes up.
+    g.fault(json!({"match": ":decrypt", "status": 429, "count": 1}));
+    g.fault(json!({"match": ":decrypt", "status": 503, "count": 1}));
+    let before = g.fake.count_requests(":decrypt");
+    let (c, _, err) = mount("30");
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(g.fake.count_requests(":decrypt"), before + 3);
+    assert!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .contains("RESOURCE_EXHAUSTED")
+    );
+    force_unmount(&mnt);
+    // 503 without end: exit 26 at the deadline.
+    g.fault(json!({"match": ":decrypt", "status": 503, "count": -1}));
+    let (c, _, err) = mount("2");
+    assert_eq!(c, 26, "{err}");
+    assert!(err.contains("UNAVAILABLE"), "{err}");
+    g.fake.post("/__fake/reset-faults", json!({}));
+    // A slow reply beyond the deadline times out; within it, it is just slow.
+    g.fault(json!({"match": ":decrypt", "delayMs": 4000, "count": 1}));
+    let (c, _, err) = mount("2");
+    assert_eq!(c, 26, "{err}");
+    assert!(err.contains("no reply within"), "{err}");
+    g.fake.post("/__fake/reset-faults", json!({}));
+    g.fault(json!({"match": ":decrypt", "delayMs": 1000, "count": 1}));
+    let (c, _, err) = mount("20");
+    assert_eq!(c, 0, "{err}");
+    force_unmount(&mnt);
+    // A damaged reply (CRC32C mismatch) is not trusted and not retried.
+    g.fault(json!({"match": ":decrypt", "corruptCrc": true, "count": -1}));
+    let before = g.fake.count_requests(":decrypt");
+    let (c, _, err) = mount("10");
+    assert_eq!(c, 27, "{err}");
+    assert!(err.contains("CRC32C"), "{err}");
+    assert_eq!(g.fake.count_requests(":decrypt"), before + 1);
+    g.fake.post("/__fake/reset-faults", json!({}));
+    // A service-account key the KMS does not know (JWT signature fails): exit 28.
+    let other = Fake::gcp();
+    let stranger = g.dir.p("stranger.json");
+    gcp_service_account(
+        &other,
+        "node@p.iam.gserviceaccount.com",
+        &ALL_GCP,
+        &stranger,
+    );
+    let mut a = vec!["init".to_string()];
+    a.extend(g.flags_with(&g.key, &stranger));
+    a.push(s(&g.dir.p("stranger-vol")).into());
+    let (c, _, err) = earfs_out(&strs(&a));
+    assert_eq!(c, 28, "{err}");
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    // A service-account key file that others can read is refused.
+    fs::set_permissions(&g.sa, fs::Permissions::from_mode(0o640)).unwrap();
+    let (c, _, err) = mount("10");
+    assert_eq!(c, 28, "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    fs::set_permissions(&g.sa, fs::Permissions::from_mode(0o600)).unwrap();
+    drop(mount_at(&node, &mnt));
+}
+
+#[test]
+fn kms_check_needs_a_volume_or_a_key() {
+    let (c, _, err) = earfs_out(&["kms-check"]);
+    assert_eq!(c, 2, "{err}");
+    let (c, _, err) = earfs_out(&[
+        "init",
+        "--kms",
+        "aws",
+        "--key-resource",
+        "projects/p/locations/l/keyRings/r/cryptoKeys/k",
+        "/nonexistent/earfs-x",
+    ]);
+    assert_eq!(c, 2, "{err}");
+    assert!(
+        err.contains("--key-resource cannot be used with --kms aws"),
+        "{err}"
+    );
+}
