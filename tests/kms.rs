@@ -720,7 +720,7 @@ fn gcp_bad_keys_versions_and_states_are_refused() {
         "/__fake/crypto-keys",
         json!({ "name": sign, "purpose": "ASYMMETRIC_SIGN" }),
     );
-    let (c, _, err) = g.init(&sign, &g.dir.p("sign"));
+    let (c, _, err) = g.init(sign, &g.dir.p("sign"));
     assert_eq!(c, 25, "{err}");
     assert!(err.contains("ENCRYPT_DECRYPT"), "{err}");
     // Unknown key.
