@@ -539,6 +539,25 @@ impl KeyProvider for AwsProvider {
     }
 }
 
+/// The causes of an error, outermost first, without the SDK's Debug dumps:
+/// "io error: client error (Connect): tcp connect error: Connection refused (os error 111)".
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    if parts.is_empty() {
+        err.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
 /// Classify an SDK error: by the service's error code where there is one (IAM denials
 /// are not modelled per operation, so the enum variants are not enough), by HTTP
 /// status, and by the kind of dispatch failure.
@@ -554,13 +573,10 @@ where
         SdkError::TimeoutError(_) => return transient("timed out".into()),
         // Connection refused or reset, DNS, TLS: all worth retrying.
         SdkError::DispatchFailure(_) => {
-            return transient(format!(
-                "cannot reach the KMS endpoint: {}",
-                DisplayErrorContext(&err)
-            ));
+            return transient(format!("cannot reach the KMS endpoint: {}", causes(&err)));
         }
         SdkError::ResponseError(_) => {
-            return transient(format!("unreadable reply: {}", DisplayErrorContext(&err)));
+            return transient(format!("unreadable reply: {}", causes(&err)));
         }
         SdkError::ConstructionFailure(_) => {
             return KmsError::Rejected {

@@ -484,7 +484,7 @@ fn classify(call: &KmsCall, err: GaxError) -> KmsError {
     }
     if err.is_authentication() {
         return KmsError::Credentials(format!(
-            "{call}: cannot get a Google Cloud access token: {err}"
+            "{call}: cannot get a Google Cloud access token ({err}); give a service-account key file (--credentials or GOOGLE_APPLICATION_CREDENTIALS), or run where the metadata server gives the VM's service account (docs/kms.md)"
         ));
     }
     if let Some(status) = err.status() {
