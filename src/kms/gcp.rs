@@ -292,7 +292,7 @@ impl GcpProvider {
                     .map_err(|e| classify(&call, e))
             })
         })?;
-        let data = Zeroizing::new(out.data.to_vec());
+        let data = take_secret(out.data);
         check_crc(&call, "random bytes", &data, out.data_crc32c)?;
         Dek::from_slice(&data).map_err(|_| KmsError::Rejected {
             call,
@@ -308,7 +308,7 @@ impl GcpProvider {
                 self.client
                     .encrypt()
                     .set_name(&self.key.name)
-                    .set_plaintext(bytes::Bytes::copy_from_slice(plaintext))
+                    .set_plaintext(secret_request_bytes(plaintext))
                     .set_plaintext_crc32c(crc(plaintext))
                     .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
                     .set_additional_authenticated_data_crc32c(crc(aad))
@@ -362,7 +362,7 @@ impl GcpProvider {
                     .map_err(|e| classify(&call, e))
             })
         })?;
-        let pt = Zeroizing::new(out.plaintext.to_vec());
+        let pt = take_secret(out.plaintext);
         check_crc(&call, "plaintext", &pt, out.plaintext_crc32c)?;
         Dek::from_slice(&pt).map_err(|_| KmsError::Rejected {
             call,
@@ -372,6 +372,30 @@ impl GcpProvider {
             ),
         })
     }
+}
+
+/// Key bytes for a request, in a buffer that is zeroed when the client drops it.
+fn secret_request_bytes(b: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::from_owner(SecretBuf(Zeroizing::new(b.to_vec())))
+}
+
+/// Owner of a request's key bytes (zeroed on drop).
+struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for SecretBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Take key bytes out of a reply: copied into a zeroizing buffer, and the reply's own
+/// buffer zeroed when it is not shared.
+fn take_secret(b: bytes::Bytes) -> Zeroizing<Vec<u8>> {
+    let out = Zeroizing::new(b.to_vec());
+    if let Ok(mut m) = b.try_into_mut() {
+        zeroize::Zeroize::zeroize(&mut m[..]);
+    }
+    out
 }
 
 /// CRC32C as the API carries it (an int64).
@@ -571,6 +595,15 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn secret_buffers_keep_their_bytes() {
+        assert_eq!(&secret_request_bytes(b"abc")[..], b"abc");
+        assert_eq!(
+            &take_secret(bytes::Bytes::from(vec![1u8, 2, 3]))[..],
+            &[1, 2, 3]
+        );
     }
 
     #[test]
