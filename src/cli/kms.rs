@@ -343,10 +343,7 @@ pub(super) fn export_keyring(
     let cfg = VolumeConfig::load(backing)?;
     let provider = cfg.kms.open(retry(deadline)?)?;
     let deks = cfg.unlock(backing, provider.as_ref())?;
-    let current = deks
-        .iter()
-        .find(|(v, _)| *v == cfg.keyring.current)
-        .map(|(_, d)| d)
+    let current = volume::current_of(&deks, cfg.keyring.current)
         .ok_or_else(|| Failure::new(exit::BAD_CONFIG, "current key version missing"))?;
     let text = KeyringExport::of(&cfg, current).to_text();
     match output {

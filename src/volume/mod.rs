@@ -167,10 +167,7 @@ impl VolumeConfig {
     ) -> Result<Vec<(u32, Dek)>, VolumeError> {
         let path = config_path(backing);
         let deks = unwrap_all(&self.keyring, provider, &path)?;
-        let current = deks
-            .iter()
-            .find(|(v, _)| *v == self.keyring.current)
-            .map(|(_, d)| d)
+        let current = current_of(&deks, self.keyring.current)
             .ok_or_else(|| VolumeError::ConfigMac(path.clone()))?;
         if !self.verify(current) {
             return Err(VolumeError::ConfigMac(path));
@@ -420,7 +417,12 @@ impl JoinSource {
     }
 }
 
-/// Unwrap every key of `keyring` through `provider`; returns the current one.
+/// The data key of `version` among unwrapped keys.
+pub fn current_of(deks: &[(u32, Dek)], version: u32) -> Option<&Dek> {
+    deks.iter().find(|(v, _)| *v == version).map(|(_, d)| d)
+}
+
+/// Unwrap every key of `keyring` through `provider`, with its version.
 fn unwrap_all(
     keyring: &StoredKeyring,
     provider: &dyn KeyProvider,
@@ -450,10 +452,7 @@ pub fn join(
     check_new(backing)?;
     let ring = source.keyring();
     let deks = unwrap_all(ring, provider, join_file)?;
-    let current = deks
-        .iter()
-        .find(|(v, _)| *v == ring.current)
-        .map(|(_, d)| d)
+    let current = current_of(&deks, ring.current)
         .ok_or_else(|| VolumeError::ConfigMac(join_file.to_path_buf()))?;
     if !source.verify(current) {
         return Err(VolumeError::ConfigMac(join_file.to_path_buf()));
@@ -512,6 +511,51 @@ mod tests {
         assert!(matches!(
             create(&other, spec, &prov),
             Err(VolumeError::NotEmpty(_))
+        ));
+    }
+
+    #[test]
+    fn join_by_config_or_export_keeps_the_keyring_and_checks_the_mac() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        create_key_file(&key).unwrap();
+        let prov = LocalProvider::open(&key).unwrap();
+        let spec = ProviderSpec::Local { key_file: key };
+        let first = d.path().join("first");
+        let cfg = create(&first, spec.clone(), &prov).unwrap();
+        let deks = cfg.unlock(&first, &prov).unwrap();
+        let export = d.path().join("ring.toml");
+        let text = KeyringExport::of(&cfg, current_of(&deks, 1).unwrap()).to_text();
+        fs::write(&export, &text).unwrap();
+        for (n, file) in [(2, config_path(&first)), (3, export.clone())] {
+            let src = JoinSource::read(&file).unwrap();
+            let b = d.path().join(format!("node{n}"));
+            let joined = join(&b, &file, &src, spec.clone(), &prov).unwrap();
+            assert_eq!(joined.keyring, cfg.keyring);
+            assert_ne!(joined.volume_id, cfg.volume_id);
+            assert_eq!(
+                VolumeConfig::load(&b)
+                    .unwrap()
+                    .unlock(&b, &prov)
+                    .unwrap()
+                    .len(),
+                1
+            );
+        }
+        // An altered export does not authenticate and writes nothing.
+        fs::write(&export, text.replace(&cfg.volume_id, "someone-else")).unwrap();
+        let src = JoinSource::read(&export).unwrap();
+        let b = d.path().join("node4");
+        assert!(matches!(
+            join(&b, &export, &src, spec, &prov),
+            Err(VolumeError::ConfigMac(_))
+        ));
+        assert!(!b.exists());
+        // Neither a config nor an export.
+        fs::write(&export, "kind = \"something\"\n").unwrap();
+        assert!(matches!(
+            JoinSource::read(&export),
+            Err(VolumeError::BadConfig { .. })
         ));
     }
 }
