@@ -25,6 +25,11 @@ impl Keyring {
             .then_some(Keyring { keys, current })
     }
 
+    /// Every version held.
+    pub fn versions(&self) -> Vec<u32> {
+        self.keys.keys().copied().collect()
+    }
+
     /// The version new files are created under.
     pub fn current_version(&self) -> u32 {
         self.current

@@ -19,6 +19,10 @@ pub enum FsError {
     /// No such inode or handle (a kernel/daemon mismatch).
     #[error("stale inode or handle")]
     Stale,
+    /// The data keys are locked (the CMK was revoked and the policy is `lock`): file
+    /// contents cannot be read or written until a recheck unwraps the keys again.
+    #[error("the data keys are locked: the KMS key was revoked (see `earfs status`)")]
+    KeysLocked,
     /// The operation or mode is not supported.
     #[error("not supported")]
     NotSupported,

@@ -27,6 +27,9 @@ use super::error::{FsError, FsResult};
 #[derive(Debug, Default)]
 pub struct Content {
     loaded: bool,
+    /// The key epoch the cipher was loaded under; a different epoch means the keys
+    /// were locked or replaced since, and the content must be loaded again.
+    epoch: u64,
     /// The file's cipher; `None` while the backing file is empty (no header yet).
     cipher: Option<Arc<FileCipher>>,
     /// Plaintext size.
@@ -36,8 +39,18 @@ pub struct Content {
 }
 
 impl Content {
-    pub fn is_loaded(&self) -> bool {
+    /// Whether the content is loaded under the keys of `epoch`.
+    pub fn is_loaded(&self, epoch: u64) -> bool {
+        self.loaded && self.epoch == epoch
+    }
+    /// Whether the plaintext size is known (it does not depend on the keys).
+    pub fn size_known(&self) -> bool {
         self.loaded
+    }
+    /// Forget the cipher (the keys were locked): the next access loads again.
+    pub fn unload(&mut self) {
+        self.loaded = false;
+        self.cipher = None;
     }
     pub fn size(&self) -> u64 {
         self.size
@@ -50,7 +63,13 @@ pub struct Io<'a> {
     pub file: &'a File,
     /// An O_DIRECT descriptor of the same file, for aligned requests.
     pub direct: Option<&'a File>,
-    pub keys: &'a Keyring,
+    /// The data keys; `None` while they are locked (CMK revoked): no file I/O.
+    pub keys: Option<&'a Keyring>,
+    /// The key epoch `keys` belong to.
+    pub epoch: u64,
+    /// The volume's current key epoch, read under the content lock, so that a load that
+    /// raced a key lock is discarded.
+    pub current_epoch: &'a std::sync::atomic::AtomicU64,
     pub path: &'a dyn Fn() -> PathBuf,
 }
 
@@ -117,11 +136,18 @@ fn corrupt(c: &mut Content, io: &Io<'_>, reason: String) -> FsError {
     FsError::Corrupt { path, reason }
 }
 
-/// Load header and size from the backing file if not yet loaded.
+/// The keys, or EIO while they are locked.
+fn keys<'a>(io: &Io<'a>) -> FsResult<&'a Keyring> {
+    io.keys.ok_or(FsError::KeysLocked)
+}
+
+/// Load header and size from the backing file if not yet loaded under these keys.
 pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
-    if c.loaded {
+    if c.is_loaded(io.epoch) {
         return Ok(());
     }
+    c.unload();
+    let keys = keys(io)?;
     let st = rustix::fs::fstat(io.file)?;
     let backing = st.st_size as u64;
     let Some(size) = backing_size_to_plain_size(backing) else {
@@ -136,12 +162,18 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     } else {
         let mut h = [0u8; HEADER_LEN as usize];
         let n = pread_full(io.file, &mut h, 0)?;
-        match decode_header(io.keys, &h[..n]) {
+        match decode_header(keys, &h[..n]) {
             Ok(cipher) => c.cipher = Some(Arc::new(cipher)),
             Err(e) => return Err(corrupt(c, io, e.to_string())),
         }
     }
+    // Keys locked or replaced while we loaded: do not keep a cipher of old keys.
+    if io.current_epoch.load(std::sync::atomic::Ordering::SeqCst) != io.epoch {
+        c.unload();
+        return Err(FsError::KeysLocked);
+    }
     c.size = size;
+    c.epoch = io.epoch;
     c.loaded = true;
     Ok(())
 }
@@ -151,7 +183,7 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
     if let Some(cipher) = &c.cipher {
         return Ok(cipher.clone());
     }
-    let (h, cipher) = new_header(io.keys).map_err(|e| FsError::Corrupt {
+    let (h, cipher) = new_header(keys(io)?).map_err(|e| FsError::Corrupt {
         path: (io.path)(),
         reason: e.to_string(),
     })?;
@@ -600,6 +632,8 @@ mod tests {
         (fx, c)
     }
 
+    static EPOCH_ONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
     fn no_path() -> PathBuf {
         PathBuf::from("<test>")
     }
@@ -609,7 +643,9 @@ mod tests {
             Io {
                 file: &self.file,
                 direct: None,
-                keys: &self.keys,
+                keys: Some(&self.keys),
+                epoch: 1,
+                current_epoch: &EPOCH_ONE,
                 path: &no_path,
             }
         }

@@ -92,6 +92,11 @@ impl InodeTable {
         }
     }
 
+    /// Every inode held (a snapshot; the table lock is released before it is used).
+    pub fn all(&self) -> Vec<Arc<Inode>> {
+        self.by_id.lock().values().map(|(i, _)| i.clone()).collect()
+    }
+
     pub fn get(&self, id: u64) -> FsResult<Arc<Inode>> {
         self.by_id
             .lock()

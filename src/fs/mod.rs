@@ -102,12 +102,28 @@ struct Handle {
 pub struct EarFs {
     backing: PathBuf,
     inodes: InodeTable,
-    keys: Keyring,
+    /// The data keys, `None` while locked, and their epoch (bumped on every change).
+    /// Held only to take a snapshot or to change them, never across I/O.
+    keys: RwLock<KeyState>,
+    /// The current epoch, readable without the lock (checked under content locks).
+    epoch: AtomicU64,
     /// Open files by handle number. The lock guards the map only, never I/O.
     files: RwLock<HashMap<u64, Arc<Handle>>>,
     /// Open directories by handle number. The lock guards the map only.
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+}
+
+/// The keys as the data path sees them.
+struct KeyState {
+    keys: Option<Arc<Keyring>>,
+    epoch: u64,
+}
+
+/// The keys one operation uses, taken once at its start.
+struct KeySnapshot {
+    keys: Option<Arc<Keyring>>,
+    epoch: u64,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> String {
@@ -166,7 +182,11 @@ impl EarFs {
         Ok(EarFs {
             backing: backing.to_path_buf(),
             inodes: InodeTable::new(fd, (st.st_dev, st.st_ino)),
-            keys,
+            keys: RwLock::new(KeyState {
+                keys: Some(Arc::new(keys)),
+                epoch: 1,
+            }),
+            epoch: AtomicU64::new(1),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -184,7 +204,7 @@ impl EarFs {
     fn cached_size(inode: &Inode, attr: &mut Attr) {
         if inode.kind == FileKind::File
             && let Some(c) = inode.content.try_read()
-            && c.is_loaded()
+            && c.size_known()
         {
             attr.size = c.size();
         }
@@ -242,18 +262,65 @@ impl EarFs {
         Ok((inode, attr))
     }
 
+    fn key_snapshot(&self) -> KeySnapshot {
+        let k = self.keys.read();
+        KeySnapshot {
+            keys: k.keys.clone(),
+            epoch: k.epoch,
+        }
+    }
+
     fn content_io<'a>(
         &'a self,
         file: &'a File,
         direct: Option<&'a File>,
         path: &'a dyn Fn() -> PathBuf,
+        keys: &'a KeySnapshot,
     ) -> file::Io<'a> {
         file::Io {
             file,
             direct,
-            keys: &self.keys,
+            keys: keys.keys.as_deref(),
+            epoch: keys.epoch,
+            current_epoch: &self.epoch,
             path,
         }
+    }
+
+    /// Lock the data keys (the CMK was revoked): drop them and every file's cipher;
+    /// file I/O fails with EIO until [`EarFs::set_keys`]. Metadata stays available.
+    pub fn lock_keys(&self) {
+        {
+            let mut k = self.keys.write();
+            k.keys = None;
+            k.epoch += 1;
+            self.epoch.store(k.epoch, Ordering::SeqCst);
+        }
+        for inode in self.inodes.all() {
+            inode.content.write().unload();
+        }
+    }
+
+    /// Install (new) data keys; files load their cipher again on next use.
+    pub fn set_keys(&self, keys: Keyring) {
+        let mut k = self.keys.write();
+        k.keys = Some(Arc::new(keys));
+        k.epoch += 1;
+        self.epoch.store(k.epoch, Ordering::SeqCst);
+    }
+
+    /// Whether the data keys are locked.
+    pub fn keys_locked(&self) -> bool {
+        self.keys.read().keys.is_none()
+    }
+
+    /// The key versions in the keyring, and the current one (None while locked).
+    pub fn key_versions(&self) -> Option<(Vec<u32>, u32)> {
+        self.keys
+            .read()
+            .keys
+            .as_ref()
+            .map(|k| (k.versions(), k.current_version()))
     }
 
     fn backing_path(&self, inode: &Inode) -> PathBuf {
@@ -309,7 +376,8 @@ impl EarFs {
                 }
             };
             let bp = || self.backing_path(&inode);
-            let io = self.content_io(file, None, &bp);
+            let keys = self.key_snapshot();
+            let io = self.content_io(file, None, &bp, &keys);
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
             file::truncate(&mut c, &io, size)?;
@@ -560,9 +628,11 @@ impl EarFs {
         // Check the header now: a damaged file fails at open, with EIO. Once loaded,
         // an open takes no exclusive lock (unless it truncates).
         let truncate = flags & libc::O_TRUNC != 0;
-        if inode.kind == FileKind::File && (truncate || !inode.content.read().is_loaded()) {
+        let keys = self.key_snapshot();
+        if inode.kind == FileKind::File && (truncate || !inode.content.read().is_loaded(keys.epoch))
+        {
             let bp = || self.backing_path(&inode);
-            let io = self.content_io(&file, None, &bp);
+            let io = self.content_io(&file, None, &bp, &keys);
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
             if truncate {
@@ -615,7 +685,8 @@ impl EarFs {
     pub fn read(&self, fh: u64, off: u64, size: u32, out: impl FnOnce(&[u8])) -> FsResult<()> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
+        let keys = self.key_snapshot();
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp, &keys);
         let c = Self::shared_loaded(&h.inode, &io)?;
         file::read(&c, &io, off, size, out)
     }
@@ -627,7 +698,7 @@ impl EarFs {
         io: &file::Io<'_>,
     ) -> FsResult<parking_lot::RwLockReadGuard<'a, Content>> {
         let c = inode.content.read();
-        if c.is_loaded() {
+        if c.is_loaded(io.epoch) {
             return Ok(c);
         }
         drop(c);
@@ -665,7 +736,8 @@ impl EarFs {
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
+        let keys = self.key_snapshot();
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp, &keys);
         let mut c = h.inode.content.write();
         file::load(&mut c, &io)?;
         file::write(&mut c, &io, off, data)
@@ -691,7 +763,8 @@ impl EarFs {
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let io = self.content_io(&h.file, None, &bp);
+        let keys = self.key_snapshot();
+        let io = self.content_io(&h.file, None, &bp, &keys);
         let mut c = h.inode.content.write();
         file::load(&mut c, &io)?;
         file::fallocate(&mut c, &io, off, len, mode)
@@ -707,7 +780,8 @@ impl EarFs {
             _ => return Err(FsError::Invalid),
         };
         let bp = || self.backing_path(&h.inode);
-        let io = self.content_io(&h.file, None, &bp);
+        let keys = self.key_snapshot();
+        let io = self.content_io(&h.file, None, &bp, &keys);
         let c = Self::shared_loaded(&h.inode, &io)?;
         let r = file::seek_data_hole(&c, &io, off, data)?;
         i64::try_from(r).map_err(|_| FsError::Invalid)
@@ -842,5 +916,50 @@ impl EarFs {
             Err(Errno::NODATA) => Err(FsError::NoAttr),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Dek;
+
+    fn keyring(dek: &Dek) -> Keyring {
+        Keyring::new([(1, Dek::from_slice(dek.expose()).unwrap())], 1).unwrap()
+    }
+
+    #[test]
+    fn locked_keys_fail_file_io_and_unlocking_restores_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dek = Dek::generate().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&dek)).unwrap();
+        let who = Caller { uid: 0, gid: 0 };
+        let (attr, fh) = fs
+            .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)
+            .unwrap();
+        assert_eq!(fs.write(fh, 0, b"committed rows").unwrap(), 14);
+        let read = |fh| {
+            let mut got = Vec::new();
+            fs.read(fh, 0, 100, |d| got.extend_from_slice(d))
+                .map(|()| got)
+        };
+        assert_eq!(read(fh).unwrap(), b"committed rows");
+        fs.lock_keys();
+        assert!(fs.keys_locked());
+        assert!(fs.key_versions().is_none());
+        // Open handles and new opens alike: reads and writes fail, the file is unchanged.
+        assert!(matches!(read(fh), Err(FsError::KeysLocked)));
+        assert!(matches!(fs.write(fh, 0, b"x"), Err(FsError::KeysLocked)));
+        assert!(matches!(
+            fs.open(attr.ino, libc::O_RDONLY),
+            Err(FsError::KeysLocked)
+        ));
+        // Metadata still answers.
+        assert_eq!(fs.getattr(attr.ino).unwrap().size, 14);
+        fs.set_keys(keyring(&dek));
+        assert_eq!(read(fh).unwrap(), b"committed rows");
+        assert_eq!(fs.key_versions(), Some((vec![1], 1)));
+        let fh2 = fs.open(attr.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(read(fh2).unwrap(), b"committed rows");
     }
 }

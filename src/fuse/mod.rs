@@ -47,7 +47,7 @@ impl EarFuse {
 pub fn errno(e: &FsError) -> Errno {
     let code = match e {
         FsError::Os(e) => e.raw_os_error(),
-        FsError::Corrupt { .. } => libc::EIO,
+        FsError::Corrupt { .. } | FsError::KeysLocked => libc::EIO,
         FsError::Reserved => libc::EPERM,
         FsError::Stale => libc::ESTALE,
         FsError::NotSupported => libc::EOPNOTSUPP,
@@ -88,7 +88,12 @@ impl_fail!(
 fn fail(reply: impl Fail, op: &str, ino: u64, e: FsError) {
     let code = errno(&e);
     match &e {
-        FsError::Os(_) | FsError::NoAttr | FsError::NoData | FsError::Reserved => {
+        // KeysLocked: the lock itself is logged once, loudly, by the daemon.
+        FsError::Os(_)
+        | FsError::NoAttr
+        | FsError::NoData
+        | FsError::Reserved
+        | FsError::KeysLocked => {
             log::debug!("op={op} ino={ino} errno={} {e}", code.code())
         }
         _ => log::warn!("op={op} ino={ino} errno={} {e}", code.code()),
