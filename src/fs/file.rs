@@ -21,6 +21,7 @@ use crate::content::{
 use crate::sys::AlignedBuf;
 
 use super::error::{FsError, FsResult};
+use super::stats::stats;
 
 /// The loaded state of a regular file. Valid while the volume is mounted, since all
 /// changes to the backing file go through this module.
@@ -226,6 +227,7 @@ pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8]
         }
         let buf = &mut buf[..want];
         cipher.decrypt(span.first, buf);
+        stats().decrypted(buf.len());
         let from = (off - span.plain_start()) as usize;
         let to = (end - span.plain_start()) as usize;
         out(&buf[from..to]);
@@ -255,6 +257,7 @@ fn read_sector(
 ) -> FsResult<()> {
     read_stored(io, s, &mut out[..len])?;
     cipher.decrypt(s, &mut out[..len]);
+    stats().decrypted(len);
     Ok(())
 }
 
@@ -286,11 +289,13 @@ fn reencode_sector(
         sec[..old_len].fill(0);
     } else {
         cipher.decrypt(s, &mut sec[..old_len]);
+        stats().decrypted(old_len);
     }
     if new_len > old_len {
         sec[old_len..new_len].fill(0);
     }
     cipher.encrypt(s, &mut sec[..new_len]);
+    stats().encrypted(new_len);
     pwrite_all(io.file, &sec[..new_len], s.backing_offset())?;
     Ok(Some((s.backing_offset(), raw)))
 }
@@ -412,6 +417,7 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
         }
         buf[data_start..data_end].copy_from_slice(data);
         cipher.encrypt(span.first, buf);
+        stats().encrypted(buf.len());
         let direct_ok = off.is_multiple_of(SECTOR) && (buf_len as u64).is_multiple_of(SECTOR);
         match (io.direct, direct_ok) {
             (Some(d), true) => pwrite_all(d, buf, span.first.backing_offset()),
@@ -525,6 +531,7 @@ fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
         let b = (end.min(s_start + s_len as u64) - s_start) as usize;
         sec[a..b].fill(0);
         cipher.encrypt(s, &mut sec[..s_len]);
+        stats().encrypted(s_len);
         pwrite_all(io.file, &sec[..s_len], s.backing_offset())
     };
     // Only the first and the last sector can be partly covered.

@@ -6,6 +6,7 @@ mod dir;
 mod error;
 mod file;
 mod inode;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

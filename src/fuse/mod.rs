@@ -14,6 +14,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+use crate::fs::stats::{Op, stats, timed};
 use crate::fs::{Attr, Caller, EarFs, FileKind, FsError, SetAttr, SetTime};
 
 pub use fuser::{Session, SessionUnmounter};
@@ -85,8 +86,10 @@ impl_fail!(
 );
 
 /// Reply an error: the one place errors reach the kernel.
-fn fail(reply: impl Fail, op: &str, ino: u64, e: FsError) {
+fn fail(reply: impl Fail, op: Op, ino: u64, e: FsError) {
     let code = errno(&e);
+    stats().error(op, code.code());
+    let op = op.name();
     match &e {
         // KeysLocked: the lock itself is logged once, loudly, by the daemon.
         FsError::Os(_)
@@ -101,21 +104,21 @@ fn fail(reply: impl Fail, op: &str, ino: u64, e: FsError) {
     reply.fail(code);
 }
 
-fn answer_empty(reply: ReplyEmpty, op: &str, ino: u64, r: Result<(), FsError>) {
+fn answer_empty(reply: ReplyEmpty, op: Op, ino: u64, r: Result<(), FsError>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => fail(reply, op, ino, e),
     }
 }
 
-fn answer_entry(reply: ReplyEntry, op: &str, ino: u64, r: Result<Attr, FsError>) {
+fn answer_entry(reply: ReplyEntry, op: Op, ino: u64, r: Result<Attr, FsError>) {
     match r {
         Ok(a) => reply.entry(&TTL, &fattr(&a), GEN),
         Err(e) => fail(reply, op, ino, e),
     }
 }
 
-fn answer_attr(reply: ReplyAttr, op: &str, ino: u64, r: Result<Attr, FsError>) {
+fn answer_attr(reply: ReplyAttr, op: Op, ino: u64, r: Result<Attr, FsError>) {
     match r {
         Ok(a) => reply.attr(&TTL, &fattr(&a)),
         Err(e) => fail(reply, op, ino, e),
@@ -123,7 +126,7 @@ fn answer_attr(reply: ReplyAttr, op: &str, ino: u64, r: Result<Attr, FsError>) {
 }
 
 /// xattr replies: the size when asked for it, the bytes if they fit, else ERANGE.
-fn answer_xattr(reply: ReplyXattr, op: &str, ino: u64, size: u32, r: Result<Vec<u8>, FsError>) {
+fn answer_xattr(reply: ReplyXattr, op: Op, ino: u64, size: u32, r: Result<Vec<u8>, FsError>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
         Ok(v) if v.len() > size as usize => fail(reply, op, ino, FsError::Range),
@@ -210,15 +213,18 @@ impl Filesystem for EarFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        answer_entry(reply, "lookup", parent.0, self.fs.lookup(parent.0, name))
+        let _t = timed(Op::Lookup);
+        answer_entry(reply, Op::Lookup, parent.0, self.fs.lookup(parent.0, name))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _t = timed(Op::Forget);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        answer_attr(reply, "getattr", ino.0, self.fs.getattr(ino.0))
+        let _t = timed(Op::Getattr);
+        answer_attr(reply, Op::Getattr, ino.0, self.fs.getattr(ino.0))
     }
 
     fn setattr(
@@ -239,6 +245,7 @@ impl Filesystem for EarFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = timed(Op::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -252,16 +259,17 @@ impl Filesystem for EarFuse {
         };
         answer_attr(
             reply,
-            "setattr",
+            Op::Setattr,
             ino.0,
             self.fs.setattr(ino.0, fh.map(|f| f.0), set),
         )
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = timed(Op::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => fail(reply, "readlink", ino.0, e),
+            Err(e) => fail(reply, Op::Readlink, ino.0, e),
         }
     }
 
@@ -275,9 +283,10 @@ impl Filesystem for EarFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _t = timed(Op::Mknod);
         answer_entry(
             reply,
-            "mknod",
+            Op::Mknod,
             parent.0,
             self.fs.mknod(parent.0, name, mode, rdev, caller(req)),
         )
@@ -292,20 +301,23 @@ impl Filesystem for EarFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _t = timed(Op::Mkdir);
         answer_entry(
             reply,
-            "mkdir",
+            Op::Mkdir,
             parent.0,
             self.fs.mkdir(parent.0, name, mode, caller(req)),
         )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        answer_empty(reply, "unlink", parent.0, self.fs.unlink(parent.0, name))
+        let _t = timed(Op::Unlink);
+        answer_empty(reply, Op::Unlink, parent.0, self.fs.unlink(parent.0, name))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        answer_empty(reply, "rmdir", parent.0, self.fs.rmdir(parent.0, name))
+        let _t = timed(Op::Rmdir);
+        answer_empty(reply, Op::Rmdir, parent.0, self.fs.rmdir(parent.0, name))
     }
 
     fn symlink(
@@ -316,9 +328,10 @@ impl Filesystem for EarFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _t = timed(Op::Symlink);
         answer_entry(
             reply,
-            "symlink",
+            Op::Symlink,
             parent.0,
             self.fs.symlink(parent.0, link_name, target, caller(req)),
         )
@@ -334,12 +347,13 @@ impl Filesystem for EarFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Rename);
         match self
             .fs
             .rename(parent.0, name, newparent.0, newname, flags.bits())
         {
             Ok(()) => reply.ok(),
-            Err(e) => fail(reply, "rename", parent.0, e),
+            Err(e) => fail(reply, Op::Rename, parent.0, e),
         }
     }
 
@@ -351,18 +365,20 @@ impl Filesystem for EarFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _t = timed(Op::Link);
         answer_entry(
             reply,
-            "link",
+            Op::Link,
             ino.0,
             self.fs.link(ino.0, newparent.0, newname),
         )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = timed(Op::Open);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => fail(reply, "open", ino.0, e),
+            Err(e) => fail(reply, Op::Open, ino.0, e),
         }
     }
 
@@ -377,6 +393,7 @@ impl Filesystem for EarFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = timed(Op::Read);
         let mut reply = Some(reply);
         let r = self.fs.read(fh.0, offset, size, |d| {
             if let Some(r) = reply.take() {
@@ -384,7 +401,7 @@ impl Filesystem for EarFuse {
             }
         });
         if let (Err(e), Some(r)) = (r, reply.take()) {
-            fail(r, "read", ino.0, e);
+            fail(r, Op::Read, ino.0, e);
         }
     }
 
@@ -400,6 +417,7 @@ impl Filesystem for EarFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = timed(Op::Write);
         let r = if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             self.fs.write_killing_suidgid(fh.0, offset, data)
         } else {
@@ -407,7 +425,7 @@ impl Filesystem for EarFuse {
         };
         match r {
             Ok(n) => reply.written(n as u32),
-            Err(e) => fail(reply, "write", ino.0, e),
+            Err(e) => fail(reply, Op::Write, ino.0, e),
         }
     }
 
@@ -419,6 +437,7 @@ impl Filesystem for EarFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Flush);
         // Nothing is buffered in the daemon: every write reached the backing file.
         reply.ok();
     }
@@ -433,6 +452,7 @@ impl Filesystem for EarFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Release);
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -445,13 +465,15 @@ impl Filesystem for EarFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer_empty(reply, "fsync", ino.0, self.fs.fsync(fh.0, datasync))
+        let _t = timed(Op::Fsync);
+        answer_empty(reply, Op::Fsync, ino.0, self.fs.fsync(fh.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = timed(Op::Opendir);
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => fail(reply, "opendir", ino.0, e),
+            Err(e) => fail(reply, Op::Opendir, ino.0, e),
         }
     }
 
@@ -463,6 +485,7 @@ impl Filesystem for EarFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = timed(Op::Readdir);
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -472,7 +495,7 @@ impl Filesystem for EarFuse {
                 }
                 reply.ok();
             }
-            Err(e) => fail(reply, "readdir", ino.0, e),
+            Err(e) => fail(reply, Op::Readdir, ino.0, e),
         }
     }
 
@@ -484,13 +507,14 @@ impl Filesystem for EarFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _t = timed(Op::Readdirplus);
         let entries = match self.fs.readdir(fh.0, offset) {
             Ok(e) => e,
-            Err(e) => return fail(reply, "readdirplus", ino.0, e),
+            Err(e) => return fail(reply, Op::Readdirplus, ino.0, e),
         };
         let dir_attr = match self.fs.getattr(ino.0) {
             Ok(a) => a,
-            Err(e) => return fail(reply, "readdirplus", ino.0, e),
+            Err(e) => return fail(reply, Op::Readdirplus, ino.0, e),
         };
         for e in entries {
             let dots = e.name == "." || e.name == "..";
@@ -531,6 +555,7 @@ impl Filesystem for EarFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -543,15 +568,17 @@ impl Filesystem for EarFuse {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer_empty(reply, "fsyncdir", ino.0, self.fs.fsyncdir(fh.0, datasync))
+        let _t = timed(Op::Fsyncdir);
+        answer_empty(reply, Op::Fsyncdir, ino.0, self.fs.fsyncdir(fh.0, datasync))
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _t = timed(Op::Statfs);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
-            Err(e) => fail(reply, "statfs", ino.0, e),
+            Err(e) => fail(reply, Op::Statfs, ino.0, e),
         }
     }
 
@@ -565,18 +592,20 @@ impl Filesystem for EarFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Setxattr);
         answer_empty(
             reply,
-            "setxattr",
+            Op::Setxattr,
             ino.0,
             self.fs.setxattr(ino.0, name, value, flags),
         )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = timed(Op::Getxattr);
         answer_xattr(
             reply,
-            "getxattr",
+            Op::Getxattr,
             ino.0,
             size,
             self.fs.getxattr(ino.0, name, size),
@@ -584,13 +613,15 @@ impl Filesystem for EarFuse {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        answer_xattr(reply, "listxattr", ino.0, size, self.fs.listxattr(ino.0))
+        let _t = timed(Op::Listxattr);
+        answer_xattr(reply, Op::Listxattr, ino.0, size, self.fs.listxattr(ino.0))
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = timed(Op::Removexattr);
         answer_empty(
             reply,
-            "removexattr",
+            Op::Removexattr,
             ino.0,
             self.fs.removexattr(ino.0, name),
         )
@@ -606,6 +637,7 @@ impl Filesystem for EarFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = timed(Op::Create);
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((a, fh)) => reply.created(
                 &TTL,
@@ -614,7 +646,7 @@ impl Filesystem for EarFuse {
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Err(e) => fail(reply, "create", parent.0, e),
+            Err(e) => fail(reply, Op::Create, parent.0, e),
         }
     }
 
@@ -628,9 +660,10 @@ impl Filesystem for EarFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = timed(Op::Fallocate);
         answer_empty(
             reply,
-            "fallocate",
+            Op::Fallocate,
             ino.0,
             self.fs.fallocate(fh.0, offset, length, mode),
         )
@@ -645,9 +678,10 @@ impl Filesystem for EarFuse {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _t = timed(Op::Lseek);
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => fail(reply, "lseek", ino.0, e),
+            Err(e) => fail(reply, Op::Lseek, ino.0, e),
         }
     }
 }
