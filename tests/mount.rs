@@ -910,14 +910,28 @@ fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_su
         }
     });
     assert!(errored, "a dead daemon's mount must error");
-    // Mounting over it is refused with a hint; umount clears it.
-    let out = vol.try_mount(&[]);
-    assert_eq!(out.status.code(), Some(17));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("earfs umount"));
-    drop(m);
+    // `earfs umount` clears it.
+    let out = run(&["umount", vol.mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!is_mounted(&vol.mnt));
-    let m = vol.mount(&[]);
-    assert_eq!(fs::read(m.path("durable")).unwrap(), data);
+    let m2 = vol.mount(&[]);
+    assert_eq!(fs::read(m2.path("durable")).unwrap(), data);
+    // A new mount clears a crashed daemon's dead mount by itself (and says so).
+    signal(daemon_pid(&vol), rustix::process::Signal::KILL);
+    assert!(wait_until(5, || fs::metadata(m2.path("durable")).is_err()));
+    let m3 = vol.mount(&[]);
+    assert!(
+        vol.log_text().contains("cleared the dead mount"),
+        "{}",
+        vol.log_text()
+    );
+    assert_eq!(fs::read(m3.path("durable")).unwrap(), data);
+    drop(m3);
+    drop(m);
 }
 
 #[test]
@@ -982,7 +996,7 @@ fn background_daemon_logs_to_syslog_without_a_log_file() {
         let n = sock.recv(&mut buf).unwrap();
         let msg = String::from_utf8_lossy(&buf[..n]);
         assert!(msg.starts_with("<30>earfs["), "{msg}");
-        if msg.contains("mounted volume") {
+        if msg.contains("serving volume") {
             break;
         }
     }

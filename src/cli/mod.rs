@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::daemon::{self, Failure, MountRequest, exit};
+use crate::daemon::{self, Failure, exit};
 use crate::kms::{ProviderSpec, Retry, create_key_file};
 use crate::volume::{self, VolumeConfig};
 
 mod kms;
+mod mount;
+mod status;
 
 /// earfs: encryption at rest for database nodes (AES-256-XTS over FUSE, keys wrapped by your KMS).
 #[derive(Debug, Parser)]
@@ -81,33 +83,11 @@ pub enum Command {
         backing: PathBuf,
     },
     /// Mount the volume in BACKING at MOUNTPOINT; returns once the mount serves.
-    Mount {
-        /// Stay in the foreground (for systemd and debugging); logs go to stderr.
-        #[arg(short = 'f', long)]
-        foreground: bool,
-        /// Let other users (e.g. the database user) use the mount; the kernel checks permissions.
-        #[arg(long)]
-        allow_other: bool,
-        /// FUSE request threads.
-        #[arg(long, default_value_t = default_threads())]
-        threads: usize,
-        /// Let the kernel cache writes (FUSE writeback cache); off by default.
-        #[arg(long)]
-        writeback_cache: bool,
-        /// Mount options, comma-separated (ro, noatime, nosuid, noexec, …), like mount -o.
-        #[arg(short = 'o', value_delimiter = ',')]
-        options: Vec<String>,
-        /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
-        #[arg(long)]
-        log_file: Option<PathBuf>,
-        /// Seconds that unwrapping the data keys through the KMS may take, retries of throttling, timeouts and 5xx included.
-        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-        kms_deadline: u64,
-        /// Backing directory of the volume (holds earfs.conf and the encrypted files).
-        backing: PathBuf,
-        /// Empty directory to mount the plaintext view on.
-        mountpoint: PathBuf,
-    },
+    ///
+    /// With --config FILE (e.g. /etc/earfs/NAME.toml, see systemd/earfs-example.toml)
+    /// the settings come from the file and flags override them. Under systemd run it
+    /// with --foreground: it reports READY, STATUS and STOPPING over $NOTIFY_SOCKET.
+    Mount(mount::MountArgs),
     /// Unmount an earfs mount and wait for its daemon to let go of the volume.
     Umount {
         /// The mountpoint (also clears the dead mount of a crashed daemon).
@@ -138,6 +118,16 @@ pub enum Command {
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,
+    },
+    /// Show how running earfs daemons are doing (over their root-only control sockets):
+    /// volume, key, key versions, uptime, operations, errors, the last CMK check and
+    /// the revocation state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The mountpoint of one daemon; all running daemons if absent.
+        mountpoint: Option<PathBuf>,
     },
     /// Show a volume: id, cipher, sector size, key provider, key versions, AES kernel.
     Info {
@@ -178,46 +168,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             kms_deadline,
             backing,
         } => kms::export_keyring(&backing, output.as_deref(), kms_deadline),
-        Command::Mount {
-            foreground,
-            allow_other,
-            threads,
-            writeback_cache,
-            options,
-            log_file,
-            kms_deadline,
-            backing,
-            mountpoint,
-        } => {
-            let options: Vec<String> = options.into_iter().filter(|o| !o.is_empty()).collect();
-            if threads == 0 || threads > 256 {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    "--threads must be between 1 and 256",
-                ));
-            }
-            if options.iter().any(|o| o == "allow_other") {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    "use --allow-other instead of -o allow_other",
-                ));
-            }
-            let req = MountRequest {
-                backing,
-                mountpoint,
-                allow_other,
-                threads,
-                writeback_cache,
-                options,
-                kms_retry: kms::retry(kms_deadline)?,
-            };
-            if foreground {
-                daemon::serve(&req)
-            } else {
-                daemon::spawn_background(log_file.as_deref())
-            }
-        }
+        Command::Mount(args) => mount::run(args),
         Command::Umount { mountpoint } => umount(mountpoint),
+        Command::Status { json, mountpoint } => status::run(json, mountpoint.as_deref()),
         Command::Info { json, backing } => info(json, backing),
         Command::Speed { json, seconds } => speed(json, seconds),
     }

@@ -46,3 +46,5 @@ pub const KMS_CHECKSUM: u8 = 27;
 pub const KMS_CREDENTIALS: u8 = 28;
 /// `earfs kms-check`: at least one permission check failed.
 pub const KMS_CHECK_FAILED: u8 = 29;
+/// The daemon config file (`--config`) is invalid: an unknown key or a bad value.
+pub const CONFIG_FILE: u8 = 30;

@@ -1,9 +1,14 @@
 //! The daemon: startup order (volume → key → checks → mount → ready), the background
 //! launcher, signals and unmounting.
 
+pub mod config;
+pub mod control;
 pub mod exit;
 pub mod logging;
+mod metrics;
 mod mountinfo;
+pub mod notify;
+mod state;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -11,6 +16,8 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::fs::FlockOperation;
@@ -19,8 +26,10 @@ use rustix::io::Errno;
 use crate::content::Keyring;
 use crate::fs::EarFs;
 use crate::fuse::{AdapterOptions, EarFuse, MountConfig};
-use crate::kms::{KmsError, Retry};
+use crate::kms::{KmsError, KmsOverrides, Retry};
+
 use crate::volume::{VolumeConfig, VolumeError};
+pub use config::RevocationPolicy;
 
 pub use mountinfo::{MountEntry, find_mount};
 
@@ -96,6 +105,25 @@ pub struct MountRequest {
     pub options: Vec<String>,
     /// Bounds of the KMS unwrap at start (retries of transient failures included).
     pub kms_retry: Retry,
+    /// Per-node KMS settings over those in `earfs.conf`.
+    pub kms_overrides: KmsOverrides,
+    /// How often the CMK is checked again while mounted; `None`: never.
+    pub recheck_interval: Option<Duration>,
+    pub revocation_policy: RevocationPolicy,
+    /// The Prometheus endpoint (loopback), if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// How long SIGTERM waits for a busy mount before giving up.
+    pub stop_timeout: Duration,
+    pub log_level: log::LevelFilter,
+    /// The config file, read again on SIGHUP.
+    pub config_file: Option<PathBuf>,
+}
+
+/// systemd's credential for the KMS (`LoadCredential=kms:FILE`), if present.
+pub fn systemd_kms_credential() -> Option<PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let p = PathBuf::from(dir).join("kms");
+    p.exists().then_some(p)
 }
 
 /// Environment variable naming the readiness pipe of a background daemon.
@@ -198,6 +226,17 @@ impl Ready {
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
     let meta = match std::fs::metadata(mp) {
         Ok(m) => m,
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+                && clear_stale_mount(mp) =>
+        {
+            std::fs::metadata(mp).map_err(|e| {
+                Failure::new(
+                    exit::BAD_MOUNTPOINT,
+                    format!("mountpoint {}: {e}", mp.display()),
+                )
+            })?
+        }
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
             return Err(Failure::new(
                 exit::ALREADY_MOUNTED,
@@ -232,6 +271,17 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
         ));
     }
     let canon = std::fs::canonicalize(mp).unwrap_or_else(|_| absolute(mp));
+    // A dead mount can still answer stat from the kernel's attribute cache; statfs
+    // always asks the daemon.
+    let dead = |p: &Path| {
+        matches!(
+            rustix::fs::statfs(p),
+            Err(Errno::NOTCONN | Errno::CONNABORTED)
+        )
+    };
+    if find_mount(&canon).is_some() && dead(&canon) {
+        clear_stale_mount(&canon);
+    }
     if let Some(m) = find_mount(&canon) {
         return Err(Failure::new(
             exit::ALREADY_MOUNTED,
@@ -259,6 +309,71 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
         ));
     }
     Ok(canon)
+}
+
+/// A dead FUSE mount of a crashed earfs daemon at `mp`: unmount it (and say so).
+/// Anything else at `mp` is left alone.
+fn clear_stale_mount(mp: &Path) -> bool {
+    let path = absolute(mp);
+    let Some(m) = find_mount(&path) else {
+        return false;
+    };
+    if !(m.fstype.starts_with("fuse") && m.source.starts_with("earfs:")) {
+        return false;
+    }
+    match unmount(&path) {
+        Ok(()) => {
+            log::warn!(
+                "cleared the dead mount of a crashed earfs daemon at {} ({})",
+                path.display(),
+                m.source
+            );
+            true
+        }
+        Err(f) => {
+            log::warn!("cannot clear the dead mount at {}: {f}", path.display());
+            false
+        }
+    }
+}
+
+/// Processes that hold something under `mp` (cwd, root, an open file, a mapping):
+/// `pid (comm)` each, for the message of a busy unmount.
+pub fn holders(mp: &Path) -> Vec<String> {
+    let me = std::process::id();
+    let under = |p: &Path| p.starts_with(mp);
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let base = e.path();
+        let mut holds = ["cwd", "root"]
+            .iter()
+            .any(|l| std::fs::read_link(base.join(l)).is_ok_and(|p| under(&p)));
+        if !holds && let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            holds = fds
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| under(&p)));
+        }
+        if !holds && let Ok(maps) = std::fs::read_to_string(base.join("maps")) {
+            holds = maps
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .any(|p| under(Path::new(p)));
+        }
+        if holds {
+            let comm = std::fs::read_to_string(base.join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    out
 }
 
 /// Take the volume's exclusive lock (flock on the backing directory).
@@ -399,6 +514,7 @@ pub fn serve(req: &MountRequest) -> Result<(), Failure> {
 
 fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     prepare_process();
+    log::set_max_level(req.log_level);
     let backing = std::fs::canonicalize(&req.backing)
         .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
     let cfg = VolumeConfig::load(&backing)?;
@@ -408,14 +524,17 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         let _ = std::env::set_current_dir("/");
     }
     let _lock = lock_volume(&backing)?;
-    log::info!(
+    let spec = cfg.kms.with_overrides(&req.kms_overrides)?;
+    let what = format!(
         "unwrapping the data keys of volume {} through {} ({}); KMS deadline {:?}",
         cfg.volume_id,
-        cfg.kms.name(),
-        cfg.kms.key_reference(),
+        spec.name(),
+        spec.key_reference(),
         req.kms_retry.deadline
     );
-    let provider = cfg.kms.open(req.kms_retry)?;
+    log::info!("{what}");
+    notify::status(&what);
+    let provider = spec.open(req.kms_retry)?;
     let deks = cfg.unlock(&backing, provider.as_ref())?;
     let keys = Keyring::new(deks, cfg.keyring.current).ok_or_else(|| {
         Failure::new(
@@ -423,9 +542,10 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             "current key version missing from the keyring",
         )
     })?;
-    drop(provider);
-    let fs = EarFs::new(&backing, keys)
-        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
+    let fs =
+        Arc::new(EarFs::new(&backing, keys).map_err(|e| {
+            Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display()))
+        })?);
     let mcfg = MountConfig {
         fsname: format!("earfs:{}", backing.display()),
         allow_other: req.allow_other,
@@ -433,7 +553,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         options: req.options.clone(),
     };
     let adapter = EarFuse::new(
-        fs,
+        fs.clone(),
         AdapterOptions {
             writeback_cache: req.writeback_cache,
         },
@@ -444,10 +564,18 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             format!("cannot mount FUSE at {}: {e} (is the fuse module loaded and /dev/fuse usable? --allow-other as non-root needs user_allow_other in /etc/fuse.conf)", mountpoint.display()),
         )
     })?;
-    let worker = std::thread::Builder::new()
-        .name("earfs-session".into())
-        .spawn(move || session.run())
-        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start threads: {e}")))?;
+    let running = Arc::new(AtomicBool::new(true));
+    let worker = {
+        let running = running.clone();
+        std::thread::Builder::new()
+            .name("earfs-session".into())
+            .spawn(move || {
+                let r = session.run();
+                running.store(false, Ordering::SeqCst);
+                r
+            })
+            .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start threads: {e}")))?
+    };
     // Ready only once a request has been served through the mount.
     std::fs::metadata(&mountpoint).map_err(|e| {
         Failure::new(
@@ -455,18 +583,64 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             format!("mount at {} does not answer: {e}", mountpoint.display()),
         )
     })?;
-    log::info!(
-        "mounted volume {} from {} at {} ({} threads, cipher {}, writeback cache {})",
+    let shared = state::Shared::new(state::Started {
+        fs,
+        backing: backing.clone(),
+        mountpoint: mountpoint.clone(),
+        threads: req.threads,
+        writeback_cache: req.writeback_cache,
+        config_file: req.config_file.clone(),
+        cfg: cfg.clone(),
+        provider,
+        settings: state::Reloadable {
+            recheck_interval: req.recheck_interval,
+            policy: req.revocation_policy,
+            log_level: req.log_level,
+            kms_overrides: req.kms_overrides.clone(),
+            kms_retry: req.kms_retry,
+        },
+    });
+    let socket = match control::serve(shared.clone()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::warn!(
+                "no control socket in {} ({e}): `earfs status` will not reach this daemon",
+                control::runtime_dir().display()
+            );
+            None
+        }
+    };
+    if let Some(addr) = req.metrics_address {
+        match metrics::serve(shared.clone(), addr) {
+            Ok(a) => log::info!("metrics at http://{a}/metrics"),
+            Err(e) => {
+                return Err(Failure::new(
+                    exit::CONFIG_FILE,
+                    format!("cannot listen for metrics on {addr}: {e}"),
+                ));
+            }
+        }
+    }
+    spawn_recheck(shared.clone(), running.clone());
+    spawn_watchdog(mountpoint.clone(), running.clone());
+    let serving = format!(
+        "serving volume {} from {} at {} ({} threads, cipher {}, writeback cache {}, CMK recheck {})",
         cfg.volume_id,
         backing.display(),
         mountpoint.display(),
         req.threads,
         crate::crypto::implementation(),
-        if req.writeback_cache { "on" } else { "off" }
+        if req.writeback_cache { "on" } else { "off" },
+        match req.recheck_interval {
+            Some(d) => format!("every {}", humantime::format_duration(d)),
+            None => "off".into(),
+        }
     );
+    log::info!("mounted: {serving}");
     ready.ok();
-    watch_signals(mountpoint.clone());
-    match worker.join() {
+    notify::notify(&format!("READY=1\nSTATUS={serving}"));
+    watch_signals(shared.clone(), req.stop_timeout);
+    let result = match worker.join() {
         Ok(Ok(())) => {
             log::info!("unmounted {}", mountpoint.display());
             Ok(())
@@ -476,11 +650,49 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             format!("FUSE session ended with an error: {e}"),
         )),
         Err(_) => Err(Failure::new(exit::FAILURE, "FUSE session thread panicked")),
+    };
+    shared.wake();
+    if let Some(p) = socket {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// Check the CMK again every recheck interval (docs/kms.md, docs/operations.md).
+fn spawn_recheck(shared: Arc<state::Shared>, running: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("earfs-recheck".into())
+        .spawn(move || shared.recheck_loop(&|| !running.load(Ordering::SeqCst)));
+    if spawned.is_err() {
+        log::warn!("cannot start the CMK recheck thread");
     }
 }
 
-/// SIGTERM / SIGINT unmount (retried while busy); the session then ends and we exit 0.
-fn watch_signals(mountpoint: PathBuf) {
+/// Ping systemd's watchdog at half its interval, while a request through the mount is
+/// answered: a hung daemon stops pinging and systemd restarts it.
+fn spawn_watchdog(mountpoint: PathBuf, running: Arc<AtomicBool>) {
+    let Some(interval) = notify::watchdog_interval() else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("earfs-watchdog".into())
+        .spawn(move || {
+            while running.load(Ordering::SeqCst) {
+                if rustix::fs::statfs(&mountpoint).is_ok() && running.load(Ordering::SeqCst) {
+                    notify::notify("WATCHDOG=1");
+                }
+                std::thread::sleep(interval / 2);
+            }
+        });
+    if spawned.is_err() {
+        log::warn!("cannot start the watchdog thread");
+    }
+}
+
+/// SIGTERM / SIGINT unmount (retried while busy, naming who holds the mount, until the
+/// stop timeout; then the daemon exits with code 23 and leaves the mount erroring).
+/// SIGHUP reloads the config file and the keyring.
+fn watch_signals(shared: Arc<state::Shared>, stop_timeout: Duration) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) else {
         log::warn!("cannot install signal handlers; stop the daemon with `earfs umount`");
@@ -491,30 +703,68 @@ fn watch_signals(mountpoint: PathBuf) {
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    log::info!("SIGHUP: nothing to reload in this version");
-                    continue;
-                }
-                log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                let mut last_warn = Instant::now() - Duration::from_secs(60);
-                loop {
-                    match unmount(&mountpoint) {
-                        Ok(()) => break,
-                        Err(f) if f.code == exit::BUSY => {
-                            if last_warn.elapsed() > Duration::from_secs(5) {
-                                log::warn!("{f}; retrying");
-                                last_warn = Instant::now();
-                            }
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                        Err(f) => {
-                            log::error!("{f}");
-                            break;
+                    notify::notify(&format!(
+                        "RELOADING=1\nMONOTONIC_USEC={}",
+                        notify::monotonic_usec()
+                    ));
+                    match shared.reload() {
+                        Ok(()) => notify::notify("READY=1\nSTATUS=reloaded"),
+                        Err(e) => {
+                            log::error!("reload failed, still serving with the old keys: {e}");
+                            notify::notify(&format!("READY=1\nSTATUS=reload failed: {e}"));
                         }
                     }
+                    continue;
                 }
+                let mp = shared.mountpoint.clone();
+                notify::notify("STOPPING=1");
+                log::info!("signal {sig}: unmounting {}", mp.display());
+                stop(&mp, stop_timeout);
             }
         });
     if spawned.is_err() {
         log::warn!("cannot start the signal thread");
+    }
+}
+
+/// Unmount, retrying while busy until `timeout`.
+fn stop(mp: &Path, timeout: Duration) {
+    let start = Instant::now();
+    let mut last_report: Option<Instant> = None;
+    loop {
+        match unmount(mp) {
+            Ok(()) => return,
+            Err(f) if f.code == exit::BUSY => {
+                if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    let who = holders(mp);
+                    let msg = if who.is_empty() {
+                        format!("{} is busy; retrying", mp.display())
+                    } else {
+                        format!(
+                            "{} is busy, held by {}; retrying",
+                            mp.display(),
+                            who.join(", ")
+                        )
+                    };
+                    log::warn!("{msg}");
+                    notify::status(&format!("stopping: {msg}"));
+                    last_report = Some(Instant::now());
+                }
+                if start.elapsed() >= timeout {
+                    log::error!(
+                        "{} is still busy after {}; exiting without unmounting: the mount now fails with ENOTCONN until `earfs umount {}`",
+                        mp.display(),
+                        humantime::format_duration(timeout),
+                        mp.display()
+                    );
+                    std::process::exit(i32::from(exit::BUSY));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(f) => {
+                log::error!("{f}");
+                return;
+            }
+        }
     }
 }

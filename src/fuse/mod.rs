@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -34,12 +35,12 @@ pub struct AdapterOptions {
 
 /// The fuser filesystem: an `EarFs` and the adapter's options.
 pub struct EarFuse {
-    fs: EarFs,
+    fs: Arc<EarFs>,
     opts: AdapterOptions,
 }
 
 impl EarFuse {
-    pub fn new(fs: EarFs, opts: AdapterOptions) -> Self {
+    pub fn new(fs: Arc<EarFs>, opts: AdapterOptions) -> Self {
         EarFuse { fs, opts }
     }
 }

@@ -462,6 +462,10 @@ impl KeyProvider for AwsProvider {
         self.decrypt(wrapped, keyring_id)
     }
 
+    fn check_key(&self) -> Result<(), KmsError> {
+        self.describe().map(|_| ())
+    }
+
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let mut out = Vec::new();
         let described = self.describe();

@@ -433,6 +433,10 @@ impl KeyProvider for GcpProvider {
         self.decrypt(wrapped, keyring_id)
     }
 
+    fn check_key(&self) -> Result<(), KmsError> {
+        self.get_crypto_key().map(|_| ())
+    }
+
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let mut out = Vec::new();
         let ring = self.get_key_ring();

@@ -134,6 +134,11 @@ impl KeyProvider for LocalProvider {
         Ok(Dek::from_slice(&pt)?)
     }
 
+    fn check_key(&self) -> Result<(), KmsError> {
+        // The key file is read again: a removed or loosened file counts.
+        LocalProvider::open(&self.path).map(|_| ())
+    }
+
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let generated = self.generate(keyring_id);
         let mut out = vec![permission_check("key file", "wrap", &generated, |_| {

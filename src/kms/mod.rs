@@ -14,6 +14,7 @@ mod creds;
 mod gcp;
 mod local;
 mod retry;
+pub mod stats;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,7 +64,75 @@ pub enum ProviderSpec {
     },
 }
 
+/// Per-node KMS settings that override those stored in `earfs.conf` (the daemon config
+/// file, `/etc/earfs/NAME.toml`). The key itself cannot be overridden.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KmsOverrides {
+    pub credentials_file: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
 impl ProviderSpec {
+    /// This spec with the per-node overrides applied.
+    pub fn with_overrides(&self, o: &KmsOverrides) -> Result<ProviderSpec, KmsError> {
+        let refuse = |what: &str| {
+            KmsError::InvalidReference(format!(
+                "{what} does not apply to the {} key provider",
+                self.name()
+            ))
+        };
+        let spec = match self.clone() {
+            ProviderSpec::Local { key_file } => {
+                if o.profile.is_some() {
+                    return Err(refuse("kms.profile"));
+                }
+                if o.region.is_some() {
+                    return Err(refuse("kms.region"));
+                }
+                if o.endpoint_url.is_some() {
+                    return Err(refuse("kms.endpoint_url"));
+                }
+                ProviderSpec::Local {
+                    key_file: o.credentials_file.clone().unwrap_or(key_file),
+                }
+            }
+            ProviderSpec::Aws {
+                key_arn,
+                region,
+                endpoint_url,
+                profile,
+                credentials_file,
+            } => ProviderSpec::Aws {
+                key_arn,
+                region: o.region.clone().or(region),
+                endpoint_url: o.endpoint_url.clone().or(endpoint_url),
+                profile: o.profile.clone().or(profile),
+                credentials_file: o.credentials_file.clone().or(credentials_file),
+            },
+            ProviderSpec::Gcp {
+                key_resource,
+                credentials,
+                endpoint,
+            } => {
+                if o.profile.is_some() {
+                    return Err(refuse("kms.profile"));
+                }
+                if o.region.is_some() {
+                    return Err(refuse("kms.region"));
+                }
+                ProviderSpec::Gcp {
+                    key_resource,
+                    credentials: o.credentials_file.clone().or(credentials),
+                    endpoint: o.endpoint_url.clone().or(endpoint),
+                }
+            }
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
     /// Provider name as on the command line (`--kms`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -165,6 +234,10 @@ pub trait KeyProvider: Send + Sync {
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError>;
     /// Unwrap a data key that was bound to `keyring_id`.
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError>;
+    /// The key's own state, as the periodic recheck asks for it (AWS DescribeKey, GCP
+    /// cryptoKeys.get): an error if it is disabled, scheduled for deletion, destroyed
+    /// or no longer accessible.
+    fn check_key(&self) -> Result<(), KmsError>;
     /// Try every permission the provider needs, for real. `wrapped` (a volume's current
     /// wrapped key) is what the decrypt check unwraps when given.
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck>;

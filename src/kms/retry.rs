@@ -49,7 +49,10 @@ impl Retry {
         loop {
             attempts += 1;
             let left = end.saturating_duration_since(Instant::now());
-            let err = match attempt(self.attempt_timeout.min(left).max(Duration::from_millis(1))) {
+            let t0 = Instant::now();
+            let outcome = attempt(self.attempt_timeout.min(left).max(Duration::from_millis(1)));
+            super::stats::record(call, t0.elapsed(), outcome.as_ref().err());
+            let err = match outcome {
                 Ok(v) => return Ok(v),
                 Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => e,

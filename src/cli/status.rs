@@ -1,0 +1,170 @@
+//! `earfs status [MOUNTPOINT] [--json]`: ask running daemons over their control sockets.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::daemon::control::{request_status, runtime_dir, socket_path, sockets};
+use crate::daemon::{Failure, exit};
+
+pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> {
+    let targets = match mountpoint {
+        Some(mp) => {
+            let canon = std::fs::canonicalize(mp)
+                .map_err(|e| Failure::new(exit::NOT_MOUNTED, format!("{}: {e}", mp.display())))?;
+            vec![socket_path(&canon)]
+        }
+        None => sockets(),
+    };
+    let mut replies = Vec::new();
+    for sock in &targets {
+        match request_status(sock) {
+            Ok(v) => replies.push(v),
+            Err(e) if mountpoint.is_some() => {
+                let mp = mountpoint
+                    .map(|m| m.display().to_string())
+                    .unwrap_or_default();
+                return Err(Failure::new(
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        exit::FAILURE
+                    } else {
+                        exit::NOT_MOUNTED
+                    },
+                    format!("no earfs daemon answers for {mp} ({}: {e})", sock.display()),
+                ));
+            }
+            // A socket of a daemon that died: skip it.
+            Err(_) => {}
+        }
+    }
+    if json {
+        let v = if mountpoint.is_some() {
+            replies.into_iter().next().unwrap_or(Value::Null)
+        } else {
+            Value::Array(replies)
+        };
+        println!("{v:#}");
+        return Ok(());
+    }
+    if replies.is_empty() {
+        println!(
+            "no earfs daemon is running (no control socket answers in {})",
+            runtime_dir().display()
+        );
+        return Ok(());
+    }
+    for (i, v) in replies.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print_one(v);
+    }
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn when(v: &Value) -> String {
+    let Some(t) = v.as_u64() else {
+        return "never".into();
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
+    let ago = std::time::SystemTime::now()
+        .duration_since(at)
+        .map(|d| {
+            humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
+        })
+        .unwrap_or_else(|_| "0s".into());
+    format!("{} ({ago} ago)", humantime::format_rfc3339_seconds(at))
+}
+
+fn print_one(v: &Value) {
+    println!("{} (pid {})", s(&v["mountpoint"]), s(&v["pid"]));
+    println!(
+        "  volume:        {} in {}",
+        s(&v["volume_id"]),
+        s(&v["backing"])
+    );
+    println!(
+        "  key:           {} {}",
+        s(&v["kms_provider"]),
+        s(&v["key"])
+    );
+    let locked = v["keys_locked"].as_bool().unwrap_or(false);
+    println!(
+        "  key versions:  {} (current {}){}",
+        s(&v["key_versions"]),
+        s(&v["current_key_version"]),
+        if locked { ", LOCKED" } else { "" }
+    );
+    let up = v["uptime_seconds"].as_u64().unwrap_or(0);
+    println!(
+        "  uptime:        {}, {} threads, writeback cache {}",
+        humantime::format_duration(std::time::Duration::from_secs(up)),
+        s(&v["threads"]),
+        if v["writeback_cache"].as_bool().unwrap_or(false) {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    let check = &v["last_cmk_check"];
+    println!(
+        "  CMK check:     {} at {}; every {}",
+        s(&check["result"]),
+        when(&check["at"]),
+        v["recheck_interval_seconds"]
+            .as_u64()
+            .map(|n| humantime::format_duration(std::time::Duration::from_secs(n)).to_string())
+            .unwrap_or_else(|| "never (rechecks off)".into())
+    );
+    let rev = &v["revocation"];
+    println!(
+        "  revocation:    {} (policy {}){}",
+        s(&rev["state"]),
+        s(&v["revocation_policy"]),
+        rev["reason"]
+            .as_str()
+            .map(|r| format!(": {r}, since {}", when(&rev["since"])))
+            .unwrap_or_default()
+    );
+    println!(
+        "  bytes:         {} encrypted, {} decrypted",
+        s(&v["bytes_encrypted"]),
+        s(&v["bytes_decrypted"])
+    );
+    if let Some(errs) = v["errors_by_errno"].as_object().filter(|m| !m.is_empty()) {
+        let list: Vec<String> = errs.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("  errors:        {}", list.join(", "));
+    } else {
+        println!("  errors:        none");
+    }
+    if let Some(ops) = v["ops"].as_array().filter(|o| !o.is_empty()) {
+        println!(
+            "  {:<12} {:>10} {:>8} {:>12}",
+            "operation", "count", "errors", "mean"
+        );
+        for o in ops {
+            let count = o["count"].as_u64().unwrap_or(0);
+            let total = o["total_seconds"].as_f64().unwrap_or(0.0);
+            let mean_us = if count > 0 {
+                total / count as f64 * 1e6
+            } else {
+                0.0
+            };
+            println!(
+                "  {:<12} {:>10} {:>8} {:>10.0}µs",
+                s(&o["op"]),
+                count,
+                s(&o["errors"]),
+                mean_us
+            );
+        }
+    }
+}

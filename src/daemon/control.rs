@@ -1,0 +1,113 @@
+//! The control socket: `earfs status` asks a running daemon how it is doing.
+//!
+//! One socket per mount in the runtime directory (`/run/earfs`, mode 0700; the socket
+//! 0600), named after a hash of the mountpoint. Only root may use it: the peer's
+//! credentials are checked on every connection. The protocol is one request line
+//! (`status`) and one JSON reply.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::state::Shared;
+
+/// Environment variable overriding the runtime directory (tests).
+pub const RUNTIME_DIR_ENV: &str = "EARFS_RUNTIME_DIR";
+
+/// The directory of the control sockets.
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os(RUNTIME_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/earfs"))
+}
+
+/// The control socket of the mount at `mountpoint` (canonical path).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let h = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    runtime_dir().join(format!("mnt-{}.sock", hex::encode(&h[..8])))
+}
+
+/// Listen on the control socket of `shared`'s mountpoint and answer in a thread.
+/// Returns the socket's path (removed by the caller at exit).
+pub fn serve(shared: Arc<Shared>) -> std::io::Result<PathBuf> {
+    let dir = runtime_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let path = socket_path(&shared.mountpoint);
+    // A socket left by a daemon that died: nobody answers it, so it can go.
+    if path.exists() && UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("earfs-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                answer(&shared, conn);
+            }
+        })?;
+    Ok(path)
+}
+
+fn answer(shared: &Shared, conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let peer = rustix::net::sockopt::socket_peercred(&conn);
+    let mut w = &conn;
+    if !matches!(&peer, Ok(c) if c.uid.is_root()) {
+        let _ = writeln!(w, "{{\"error\":\"only root may use the control socket\"}}");
+        return;
+    }
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
+        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+    };
+    let _ = writeln!(w, "{reply}");
+}
+
+/// Ask the daemon behind `socket` for its status (JSON).
+pub fn request_status(socket: &Path) -> std::io::Result<serde_json::Value> {
+    let conn = UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = &conn;
+    writeln!(w, "status")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            e.to_string(),
+        ));
+    }
+    Ok(v)
+}
+
+/// Every control socket in the runtime directory.
+pub fn sockets() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(runtime_dir())
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

@@ -1,0 +1,414 @@
+//! The running daemon's shared state: the volume, the KMS provider, the CMK recheck
+//! and its revocation policy, SIGHUP reloads, and the status snapshot that
+//! `earfs status` and the metrics endpoint show.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::config::{FileConfig, RevocationPolicy};
+use super::notify;
+use crate::content::Keyring;
+use crate::fs::EarFs;
+use crate::fs::stats::{OpSnapshot, errno_name, stats};
+use crate::kms::{KeyProvider, KmsError, KmsOverrides, Retry};
+use crate::volume::VolumeConfig;
+
+/// Settings that a SIGHUP may change.
+#[derive(Debug, Clone)]
+pub struct Reloadable {
+    pub recheck_interval: Option<Duration>,
+    pub policy: RevocationPolicy,
+    pub log_level: log::LevelFilter,
+    pub kms_overrides: KmsOverrides,
+    pub kms_retry: Retry,
+}
+
+/// The outcome of the last CMK check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckRecord {
+    /// Unix time of the check.
+    pub at: u64,
+    pub ok: bool,
+    /// "ok", or the KMS's reason.
+    pub result: String,
+    /// Whether a failure was definitive (revocation) rather than transient.
+    pub definitive: bool,
+}
+
+/// The revocation state.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Revocation {
+    /// "ok", "locked" (keys wiped, I/O fails with EIO) or "warning" (policy warn).
+    pub state: &'static str,
+    /// Why, while not ok.
+    pub reason: Option<String>,
+    /// Unix time since when.
+    pub since: Option<u64>,
+}
+
+/// The KMS side of the running volume: its config and an open provider.
+struct Kms {
+    cfg: VolumeConfig,
+    provider: Box<dyn KeyProvider>,
+}
+
+/// State shared by the daemon's threads.
+pub struct Shared {
+    pub fs: Arc<EarFs>,
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub volume_id: String,
+    pub threads: usize,
+    pub writeback_cache: bool,
+    pub config_file: Option<PathBuf>,
+    started: SystemTime,
+    started_mono: Instant,
+    kms: Mutex<Kms>,
+    settings: Mutex<Reloadable>,
+    last_check: Mutex<Option<CheckRecord>>,
+    last_success: Mutex<Option<u64>>,
+    revocation: Mutex<Revocation>,
+    /// Wakes the recheck thread early (reload, stop).
+    wake: (Mutex<u64>, Condvar),
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a recheck failure means the customer revoked the key (apply the policy)
+/// rather than a passing fault (keep serving, warn).
+pub fn is_revocation(e: &KmsError) -> bool {
+    matches!(
+        e,
+        KmsError::AccessDenied { .. }
+            | KmsError::KeyUnusable { .. }
+            | KmsError::InvalidCiphertext { .. }
+            | KmsError::WrongKey(_)
+    )
+}
+
+/// What the daemon was started with, for [`Shared::new`].
+pub struct Started {
+    pub fs: Arc<EarFs>,
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub threads: usize,
+    pub writeback_cache: bool,
+    pub config_file: Option<PathBuf>,
+    pub cfg: VolumeConfig,
+    pub provider: Box<dyn KeyProvider>,
+    pub settings: Reloadable,
+}
+
+impl Shared {
+    pub fn new(s: Started) -> Arc<Shared> {
+        Arc::new(Shared {
+            fs: s.fs,
+            backing: s.backing,
+            mountpoint: s.mountpoint,
+            volume_id: s.cfg.volume_id.clone(),
+            threads: s.threads,
+            writeback_cache: s.writeback_cache,
+            config_file: s.config_file,
+            started: SystemTime::now(),
+            started_mono: Instant::now(),
+            kms: Mutex::new(Kms {
+                cfg: s.cfg,
+                provider: s.provider,
+            }),
+            settings: Mutex::new(s.settings),
+            last_check: Mutex::new(Some(CheckRecord {
+                at: now_unix(),
+                ok: true,
+                result: "ok (unwrapped at start)".into(),
+                definitive: false,
+            })),
+            last_success: Mutex::new(Some(now_unix())),
+            revocation: Mutex::new(Revocation {
+                state: "ok",
+                ..Revocation::default()
+            }),
+            wake: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    pub fn settings(&self) -> Reloadable {
+        lock(&self.settings).clone()
+    }
+
+    /// Wake the recheck thread (its interval may have changed, or we stop).
+    pub fn wake(&self) {
+        let (m, c) = &self.wake;
+        *lock(m) += 1;
+        c.notify_all();
+    }
+
+    /// Sleep up to `d`, or until woken; whether woken.
+    fn sleep(&self, d: Duration) -> bool {
+        let (m, c) = &self.wake;
+        let g = lock(m);
+        let seen = *g;
+        let (g, _) = c
+            .wait_timeout_while(g, d, |n| *n == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *g != seen
+    }
+
+    /// One CMK check: the key's state, then an unwrap of every data key. On success
+    /// the keys are (re)installed if they were locked; on a revocation the policy
+    /// applies; a transient failure only warns.
+    pub fn recheck(&self) {
+        let settings = self.settings();
+        // The key's state first, then an unwrap of every data key (which also proves
+        // earfs.conf is unchanged).
+        let outcome: Result<Vec<(u32, crate::crypto::Dek)>, Option<KmsError>> = {
+            let k = lock(&self.kms);
+            match k.provider.check_key() {
+                Err(e) => Err(Some(e)),
+                Ok(()) => match k.cfg.unlock(&self.backing, k.provider.as_ref()) {
+                    Ok(deks) => Ok(deks),
+                    Err(crate::volume::VolumeError::Kms(e)) => Err(Some(e)),
+                    Err(other) => {
+                        log::error!("CMK check: {other}");
+                        Err(None)
+                    }
+                },
+            }
+        };
+        match outcome {
+            Ok(deks) => {
+                let current = lock(&self.kms).cfg.keyring.current;
+                let was = lock(&self.revocation).state;
+                if was == "locked" {
+                    match Keyring::new(deks, current) {
+                        Some(k) => {
+                            self.fs.set_keys(k);
+                            log::warn!(
+                                "CMK check: the key unwraps again; data keys restored, file I/O resumes"
+                            );
+                        }
+                        None => log::error!("CMK check: the current key version is missing"),
+                    }
+                } else if was == "warning" {
+                    log::warn!("CMK check: the key is usable again");
+                }
+                *lock(&self.revocation) = Revocation {
+                    state: "ok",
+                    ..Revocation::default()
+                };
+                self.record(true, "ok".into(), false);
+                *lock(&self.last_success) = Some(now_unix());
+            }
+            Err(None) => self.record(false, "the volume config cannot be read".into(), false),
+            Err(Some(e)) if !is_revocation(&e) => {
+                log::warn!("CMK check failed, still serving: {e}");
+                self.record(false, e.to_string(), false);
+            }
+            Err(Some(e)) => {
+                let reason = e.to_string();
+                self.record(false, reason.clone(), true);
+                let mut r = lock(&self.revocation);
+                let state = match settings.policy {
+                    RevocationPolicy::Lock => "locked",
+                    RevocationPolicy::Warn => "warning",
+                };
+                if r.state != state {
+                    match settings.policy {
+                        RevocationPolicy::Lock => {
+                            self.fs.lock_keys();
+                            log::error!(
+                                "CMK revoked: {reason}; the data keys are wiped from memory and file I/O fails with EIO until a check unwraps the key again (policy lock)"
+                            );
+                            notify::status(&format!("LOCKED: CMK revoked: {reason}"));
+                        }
+                        RevocationPolicy::Warn => {
+                            log::error!("CMK revoked: {reason}; still serving (policy warn)");
+                            notify::status(&format!("WARNING: CMK revoked: {reason}"));
+                        }
+                    }
+                    *r = Revocation {
+                        state,
+                        reason: Some(reason),
+                        since: Some(now_unix()),
+                    };
+                }
+            }
+        }
+    }
+
+    fn record(&self, ok: bool, result: String, definitive: bool) {
+        *lock(&self.last_check) = Some(CheckRecord {
+            at: now_unix(),
+            ok,
+            result,
+            definitive,
+        });
+    }
+
+    /// The recheck loop; returns when `stop` says so.
+    pub fn recheck_loop(&self, stop: &dyn Fn() -> bool) {
+        loop {
+            let interval = self.settings().recheck_interval;
+            let woken = match interval {
+                Some(d) => self.sleep(d),
+                None => self.sleep(Duration::from_secs(3600)),
+            };
+            if stop() {
+                return;
+            }
+            if woken || interval.is_none() {
+                continue;
+            }
+            self.recheck();
+        }
+    }
+
+    /// SIGHUP: read the config file again (reloadable keys), then `earfs.conf`, unwrap
+    /// its keyring through the KMS and install it.
+    pub fn reload(&self) -> Result<(), String> {
+        if let Some(path) = &self.config_file {
+            let f = FileConfig::load(path).map_err(|f| f.message)?;
+            let mut s = lock(&self.settings);
+            if let Some(i) = f.recheck_interval {
+                s.recheck_interval = i;
+            }
+            if let Some(p) = f.revocation_policy {
+                s.policy = p;
+            }
+            if let Some(l) = f.log_level {
+                s.log_level = l.filter();
+                log::set_max_level(s.log_level);
+            }
+            s.kms_overrides = f.kms.clone();
+            if let Some(d) = f.kms_deadline {
+                s.kms_retry = Retry::with_deadline(d);
+            }
+            for (key, changed) in [
+                (
+                    "backing",
+                    f.backing.as_ref().is_some_and(|b| *b != self.backing),
+                ),
+                (
+                    "mountpoint",
+                    f.mountpoint.as_ref().is_some_and(|m| *m != self.mountpoint),
+                ),
+                ("threads", f.threads.is_some_and(|t| t != self.threads)),
+            ] {
+                if changed {
+                    log::warn!(
+                        "reload: {key} changed in {}; it takes effect at the next start",
+                        path.display()
+                    );
+                }
+            }
+        }
+        let settings = self.settings();
+        let cfg = VolumeConfig::load(&self.backing).map_err(|e| e.to_string())?;
+        let spec = cfg
+            .kms
+            .with_overrides(&settings.kms_overrides)
+            .map_err(|e| e.to_string())?;
+        let provider = spec.open(settings.kms_retry).map_err(|e| e.to_string())?;
+        let deks = cfg
+            .unlock(&self.backing, provider.as_ref())
+            .map_err(|e| e.to_string())?;
+        let keys = Keyring::new(deks, cfg.keyring.current)
+            .ok_or("the current key version is missing from the keyring")?;
+        let versions = keys.versions();
+        self.fs.set_keys(keys);
+        *lock(&self.kms) = Kms { cfg, provider };
+        *lock(&self.revocation) = Revocation {
+            state: "ok",
+            ..Revocation::default()
+        };
+        self.record(true, "ok (reloaded)".into(), false);
+        *lock(&self.last_success) = Some(now_unix());
+        self.wake();
+        log::info!("reloaded: key versions {versions:?}");
+        Ok(())
+    }
+
+    /// What `earfs status` shows.
+    pub fn status(&self) -> Status {
+        let (kms_provider, key) = {
+            let k = lock(&self.kms);
+            (k.cfg.kms.name(), k.cfg.kms.key_reference())
+        };
+        let settings = self.settings();
+        let (versions, current) = match self.fs.key_versions() {
+            Some((v, c)) => (v, Some(c)),
+            None => (Vec::new(), None),
+        };
+        let st = stats();
+        Status {
+            mountpoint: self.mountpoint.clone(),
+            backing: self.backing.clone(),
+            volume_id: self.volume_id.clone(),
+            pid: std::process::id(),
+            kms_provider,
+            key,
+            key_versions: versions,
+            current_key_version: current,
+            keys_locked: self.fs.keys_locked(),
+            started: self
+                .started
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            uptime_seconds: self.started_mono.elapsed().as_secs(),
+            threads: self.threads,
+            writeback_cache: self.writeback_cache,
+            recheck_interval_seconds: settings.recheck_interval.map(|d| d.as_secs()),
+            revocation_policy: settings.policy.name(),
+            revocation: lock(&self.revocation).clone(),
+            last_cmk_check: lock(&self.last_check).clone(),
+            last_cmk_success: *lock(&self.last_success),
+            ops: st.ops().into_iter().filter(|o| o.count > 0).collect(),
+            errors_by_errno: st
+                .errors_by_errno()
+                .into_iter()
+                .map(|(e, n)| (errno_name(e), n))
+                .collect(),
+            bytes_encrypted: st.bytes_encrypted(),
+            bytes_decrypted: st.bytes_decrypted(),
+        }
+    }
+}
+
+/// The status of a running daemon.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub volume_id: String,
+    pub pid: u32,
+    pub kms_provider: &'static str,
+    pub key: String,
+    pub key_versions: Vec<u32>,
+    pub current_key_version: Option<u32>,
+    pub keys_locked: bool,
+    pub started: u64,
+    pub uptime_seconds: u64,
+    pub threads: usize,
+    pub writeback_cache: bool,
+    pub recheck_interval_seconds: Option<u64>,
+    pub revocation_policy: &'static str,
+    pub revocation: Revocation,
+    pub last_cmk_check: Option<CheckRecord>,
+    pub last_cmk_success: Option<u64>,
+    pub ops: Vec<OpSnapshot>,
+    pub errors_by_errno: std::collections::BTreeMap<String, u64>,
+    pub bytes_encrypted: u64,
+    pub bytes_decrypted: u64,
+}
