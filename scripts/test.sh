@@ -4,7 +4,9 @@
 #   2. unit and fs/ tests without a mount, and the format-v1 fixtures;
 #   3. real-mount tests of every operation (tests/mount.rs), on the local key provider
 #      and again on AWS KMS (moto) and Google Cloud KMS (our REST fake); the KMS
-#      providers end to end with faults (tests/kms.rs);
+#      providers end to end with faults (tests/kms.rs); the daemon as systemd runs it:
+#      notifications, signals, status, metrics, config errors, CMK revocation
+#      (tests/daemon.rs); the systemd units (systemd-analyze verify);
 #   4. peers' suites and real databases on a real mount (scripts/tier3/): fsx,
 #      pjdfstest (compared with gocryptfs), PostgreSQL, RocksDB, SQLite;
 #   and reports the XTS speed ratio against OpenSSL (a benchmark, not a pass/fail test).
@@ -26,6 +28,9 @@ scripts/check-layering.sh
 
 step "build"
 cargo build --release --all-targets
+
+step "systemd units (systemd-analyze verify)"
+scripts/verify-units.sh target/release/earfs
 
 step "the KMS fakes' own tests"
 python3 tests/fakes/test_aws_kms_fake.py

@@ -44,6 +44,16 @@ impl log::Log for StderrLogger {
         {
             return;
         }
+        // After our own umount(2), fuser's session tries to unmount again on drop and
+        // warns that the mount is gone (EINVAL): not news.
+        if r.target().starts_with("fuser")
+            && log::max_level() < LevelFilter::Debug
+            && r.args()
+                .to_string()
+                .starts_with("Failed to umount filesystem: Invalid argument")
+        {
+            return;
+        }
         if let Some(sock) = &self.syslog {
             // RFC 3164 without a timestamp (the syslog daemon adds it); facility daemon.
             let msg = format!(

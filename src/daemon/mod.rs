@@ -564,6 +564,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             format!("cannot mount FUSE at {}: {e} (is the fuse module loaded and /dev/fuse usable? --allow-other as non-root needs user_allow_other in /etc/fuse.conf)", mountpoint.display()),
         )
     })?;
+    let cache = crate::fuse::CacheInvalidator::of(&session);
     let running = Arc::new(AtomicBool::new(true));
     let worker = {
         let running = running.clone();
@@ -585,6 +586,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     })?;
     let shared = state::Shared::new(state::Started {
         fs,
+        cache: Some(cache),
         backing: backing.clone(),
         mountpoint: mountpoint.clone(),
         threads: req.threads,

@@ -13,6 +13,7 @@ use super::notify;
 use crate::content::Keyring;
 use crate::fs::EarFs;
 use crate::fs::stats::{OpSnapshot, errno_name, stats};
+use crate::fuse::CacheInvalidator;
 use crate::kms::{KeyProvider, KmsError, KmsOverrides, Retry};
 use crate::volume::VolumeConfig;
 
@@ -58,6 +59,8 @@ struct Kms {
 /// State shared by the daemon's threads.
 pub struct Shared {
     pub fs: Arc<EarFs>,
+    /// Drops the kernel's cached plaintext when the keys are locked.
+    cache: Option<CacheInvalidator>,
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
     pub volume_id: String,
@@ -101,6 +104,7 @@ pub fn is_revocation(e: &KmsError) -> bool {
 /// What the daemon was started with, for [`Shared::new`].
 pub struct Started {
     pub fs: Arc<EarFs>,
+    pub cache: Option<CacheInvalidator>,
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
     pub threads: usize,
@@ -115,6 +119,7 @@ impl Shared {
     pub fn new(s: Started) -> Arc<Shared> {
         Arc::new(Shared {
             fs: s.fs,
+            cache: s.cache,
             backing: s.backing,
             mountpoint: s.mountpoint,
             volume_id: s.cfg.volume_id.clone(),
@@ -226,7 +231,10 @@ impl Shared {
                 if r.state != state {
                     match settings.policy {
                         RevocationPolicy::Lock => {
-                            self.fs.lock_keys();
+                            let files = self.fs.lock_keys();
+                            if let Some(c) = &self.cache {
+                                c.invalidate(&files);
+                            }
                             log::error!(
                                 "CMK revoked: {reason}; the data keys are wiped from memory and file I/O fails with EIO until a check unwraps the key again (policy lock)"
                             );

@@ -290,16 +290,23 @@ impl EarFs {
 
     /// Lock the data keys (the CMK was revoked): drop them and every file's cipher;
     /// file I/O fails with EIO until [`EarFs::set_keys`]. Metadata stays available.
-    pub fn lock_keys(&self) {
+    /// Returns the node ids of the regular files known, whose kernel caches the caller
+    /// should drop.
+    pub fn lock_keys(&self) -> Vec<u64> {
         {
             let mut k = self.keys.write();
             k.keys = None;
             k.epoch += 1;
             self.epoch.store(k.epoch, Ordering::SeqCst);
         }
+        let mut files = Vec::new();
         for inode in self.inodes.all() {
-            inode.content.write().unload();
+            if inode.kind == FileKind::File {
+                inode.content.write().unload();
+                files.push(inode.id);
+            }
         }
+        files
     }
 
     /// Install (new) data keys; files load their cipher again on next use.

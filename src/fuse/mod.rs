@@ -698,6 +698,27 @@ pub struct MountConfig {
 }
 
 /// Mount `fs` at `mountpoint`: returns once the kernel handshake is done.
+/// Drops the kernel's cached file data (FUSE_NOTIFY_INVAL_INODE), so that reads reach
+/// the daemon again: used when the data keys are locked, so that cached plaintext is
+/// not served either.
+pub struct CacheInvalidator(fuser::Notifier);
+
+impl CacheInvalidator {
+    /// The invalidator of a session (take it before the session runs).
+    pub fn of(session: &Session<EarFuse>) -> Self {
+        CacheInvalidator(session.notifier())
+    }
+
+    /// Invalidate the cached data of these inodes; returns how many failed (an inode
+    /// the kernel no longer knows fails harmlessly).
+    pub fn invalidate(&self, inodes: &[u64]) -> usize {
+        inodes
+            .iter()
+            .filter(|ino| self.0.inval_inode(INodeNo(**ino), 0, -1).is_err())
+            .count()
+    }
+}
+
 pub fn mount(fs: EarFuse, mountpoint: &Path, cfg: &MountConfig) -> io::Result<Session<EarFuse>> {
     let mut opts = vec![
         MountOption::FSName(cfg.fsname.clone()),
