@@ -248,8 +248,9 @@ fn sigterm_on_a_busy_mount_names_the_holder_and_gives_up_at_the_stop_timeout() {
     let cfg = local_volume(d.path(), "stop_timeout = \"2s\"\n");
     let mut dm = Daemon::start(d.path(), &["--config", s(&cfg)], &[]);
     dm.until("READY=1");
-    let mut holder = Command::new("sh")
-        .args(["-c", "exec sleep 60"])
+    // (spawn returns once `sleep` is exec'd: its comm is "sleep" from then on)
+    let mut holder = Command::new("sleep")
+        .arg("60")
         .current_dir(&dm.mnt)
         .spawn()
         .unwrap();
@@ -432,6 +433,13 @@ fn config_errors_name_the_key_and_the_file_and_flags_override_the_file() {
     let (c, err) = mount(&["--config", s(&bad)]);
     assert_eq!(c, Some(2), "{err}");
     assert!(err.contains("kms.profile does not apply"), "{err}");
+    // A metrics port that is taken fails the start before anything is mounted.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (c, err) = mount(&["--config", s(&cfg), "--metrics-address", &addr]);
+    assert_eq!(c, Some(30), "{err}");
+    assert!(err.contains("cannot listen for metrics"), "{err}");
+    assert!(!is_mounted(&d.path().join("mnt")));
     // Flags override the file.
     let dm = Daemon::start(
         d.path(),

@@ -11,9 +11,14 @@ use std::time::Duration;
 use super::state::Shared;
 use crate::fs::stats::{LATENCY_BUCKETS_US, stats};
 
-/// Listen on `addr` and answer scrapes in a thread.
-pub fn serve(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Take the metrics address (before mounting, so that a taken port fails the start
+/// cleanly).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+}
+
+/// Answer scrapes on `listener` in a thread.
+pub fn serve(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("earfs-metrics".into())

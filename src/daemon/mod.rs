@@ -524,6 +524,15 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         let _ = std::env::set_current_dir("/");
     }
     let _lock = lock_volume(&backing)?;
+    let metrics_listener = match req.metrics_address {
+        Some(addr) => Some(metrics::bind(addr).map_err(|e| {
+            Failure::new(
+                exit::CONFIG_FILE,
+                format!("cannot listen for metrics on {addr}: {e}"),
+            )
+        })?),
+        None => None,
+    };
     let spec = cfg.kms.with_overrides(&req.kms_overrides)?;
     let what = format!(
         "unwrapping the data keys of volume {} through {} ({}); KMS deadline {:?}",
@@ -612,15 +621,10 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             None
         }
     };
-    if let Some(addr) = req.metrics_address {
-        match metrics::serve(shared.clone(), addr) {
+    if let Some(l) = metrics_listener {
+        match metrics::serve(shared.clone(), l) {
             Ok(a) => log::info!("metrics at http://{a}/metrics"),
-            Err(e) => {
-                return Err(Failure::new(
-                    exit::CONFIG_FILE,
-                    format!("cannot listen for metrics on {addr}: {e}"),
-                ));
-            }
+            Err(e) => log::warn!("no metrics endpoint: {e}"),
         }
     }
     spawn_recheck(shared.clone(), running.clone());

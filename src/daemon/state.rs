@@ -69,7 +69,10 @@ pub struct Shared {
     pub config_file: Option<PathBuf>,
     started: SystemTime,
     started_mono: Instant,
+    /// Held across KMS calls (rechecks, reloads): status never takes it.
     kms: Mutex<Kms>,
+    /// Provider name and key reference, for status without waiting on `kms`.
+    key_info: Mutex<(&'static str, String)>,
     settings: Mutex<Reloadable>,
     last_check: Mutex<Option<CheckRecord>>,
     last_success: Mutex<Option<u64>>,
@@ -128,6 +131,7 @@ impl Shared {
             config_file: s.config_file,
             started: SystemTime::now(),
             started_mono: Instant::now(),
+            key_info: Mutex::new((s.cfg.kms.name(), s.cfg.kms.key_reference())),
             kms: Mutex::new(Kms {
                 cfg: s.cfg,
                 provider: s.provider,
@@ -335,6 +339,7 @@ impl Shared {
             .ok_or("the current key version is missing from the keyring")?;
         let versions = keys.versions();
         self.fs.set_keys(keys);
+        *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.kms) = Kms { cfg, provider };
         *lock(&self.revocation) = Revocation {
             state: "ok",
@@ -349,10 +354,7 @@ impl Shared {
 
     /// What `earfs status` shows.
     pub fn status(&self) -> Status {
-        let (kms_provider, key) = {
-            let k = lock(&self.kms);
-            (k.cfg.kms.name(), k.cfg.kms.key_reference())
-        };
+        let (kms_provider, key) = lock(&self.key_info).clone();
         let settings = self.settings();
         let (versions, current) = match self.fs.key_versions() {
             Some((v, c)) => (v, Some(c)),
