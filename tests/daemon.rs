@@ -204,7 +204,7 @@ fn systemd_sees_status_ready_reloading_stopping_and_watchdog() {
     let mut dm = Daemon::start(
         d.path(),
         &["--config", s(&cfg)],
-        &[("WATCHDOG_USEC", "400000")],
+        &[("WATCHDOG_USEC", "400000"), ("JOURNAL_STREAM", "8:12345")],
     );
     let start = dm.until("READY=1");
     // READY comes only once the mount answers, and after a STATUS of the unwrap.
@@ -230,6 +230,13 @@ fn systemd_sees_status_ready_reloading_stopping_and_watchdog() {
         "{reload:?}"
     );
     assert!(dm.log_text().contains("reloaded: key versions [1]"));
+    // Under systemd (JOURNAL_STREAM) every line carries a journald priority prefix.
+    let log = dm.log_text();
+    assert!(
+        log.lines()
+            .all(|l| l.starts_with("<6>") || l.starts_with("<4>")),
+        "{log}"
+    );
     // SIGTERM: STOPPING=1, unmount, exit 0.
     dm.signal(rustix::process::Signal::TERM);
     dm.until("STOPPING=1");
@@ -680,4 +687,61 @@ fn revocation_policy_warn_keeps_serving() {
     assert_eq!(st["keys_locked"], false);
     assert!(direct_read(&f));
     dm.until("WARNING: CMK revoked");
+}
+
+#[test]
+fn systemd_credential_overrides_the_credentials_file_named_at_init() {
+    let fake = Fake::aws(true);
+    let (arn, _) = aws_key(&fake, "alias/cred");
+    let user = fake.post(
+        "/__fake/users",
+        json!({ "name": "node", "actions": ["kms:DescribeKey", "kms:ListAliases", "kms:GenerateDataKeyWithoutPlaintext", "kms:Decrypt", "kms:Encrypt"] }),
+    );
+    let d = tmp();
+    let at_init = d.path().join("init-credentials");
+    aws_credentials_file(
+        &at_init,
+        user["accessKeyId"].as_str().unwrap(),
+        user["secretAccessKey"].as_str().unwrap(),
+    );
+    let backing = d.path().join("backing");
+    let out = run(&[
+        "init",
+        "--kms",
+        "aws",
+        "--key-arn",
+        &arn,
+        "--endpoint-url",
+        &fake.url,
+        "--credentials",
+        s(&at_init),
+        s(&backing),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The file named at init is gone; systemd hands the credential over instead
+    // (LoadCredential=kms:… puts it at $CREDENTIALS_DIRECTORY/kms).
+    let creds_dir = d.path().join("credentials");
+    std::fs::create_dir(&creds_dir).unwrap();
+    std::fs::rename(&at_init, creds_dir.join("kms")).unwrap();
+    std::fs::create_dir_all(d.path().join("mnt")).unwrap();
+    let dm = Daemon::start(
+        d.path(),
+        &[s(&backing), s(&d.path().join("mnt"))],
+        &[("CREDENTIALS_DIRECTORY", s(&creds_dir))],
+    );
+    dm.until("READY=1");
+    std::fs::write(dm.mnt.join("f"), b"x").unwrap();
+    drop(dm);
+    // Without it, the start fails on the missing file, as a credentials error.
+    let out = run(&["mount", s(&backing), s(&d.path().join("mnt"))]);
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -514,6 +514,10 @@ pub fn serve(req: &MountRequest) -> Result<(), Failure> {
 
 fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     prepare_process();
+    // Take the signals before anything is mounted: a SIGTERM that arrives while we
+    // start is then handled (unmount) as soon as the mount is up, instead of killing
+    // the daemon and leaving a dead mount.
+    let signals = take_signals();
     log::set_max_level(req.log_level);
     let backing = std::fs::canonicalize(&req.backing)
         .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
@@ -645,7 +649,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     log::info!("mounted: {serving}");
     ready.ok();
     notify::notify(&format!("READY=1\nSTATUS={serving}"));
-    watch_signals(shared.clone(), req.stop_timeout);
+    watch_signals(signals, shared.clone(), req.stop_timeout);
     let result = match worker.join() {
         Ok(Ok(())) => {
             log::info!("unmounted {}", mountpoint.display());
@@ -698,10 +702,24 @@ fn spawn_watchdog(mountpoint: PathBuf, running: Arc<AtomicBool>) {
 /// SIGTERM / SIGINT unmount (retried while busy, naming who holds the mount, until the
 /// stop timeout; then the daemon exits with code 23 and leaves the mount erroring).
 /// SIGHUP reloads the config file and the keyring.
-fn watch_signals(shared: Arc<state::Shared>, stop_timeout: Duration) {
+fn take_signals() -> Option<signal_hook::iterator::Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) else {
-        log::warn!("cannot install signal handlers; stop the daemon with `earfs umount`");
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("cannot install signal handlers ({e}); stop the daemon with `earfs umount`");
+            None
+        }
+    }
+}
+
+fn watch_signals(
+    signals: Option<signal_hook::iterator::Signals>,
+    shared: Arc<state::Shared>,
+    stop_timeout: Duration,
+) {
+    use signal_hook::consts::SIGHUP;
+    let Some(mut signals) = signals else {
         return;
     };
     let spawned = std::thread::Builder::new()
