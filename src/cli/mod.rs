@@ -157,6 +157,11 @@ fn default_threads() -> usize {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
+    // Commands that print behave as filters (`earfs status | head`); the daemon keeps
+    // Rust's ignored SIGPIPE, so that a scraper hanging up is just an error.
+    if !matches!(cli.command, Command::Mount(_)) {
+        crate::sys::default_sigpipe();
+    }
     match cli.command {
         Command::Init { kms, join, backing } => match join {
             Some(file) => kms::join(&kms, &file, &backing),

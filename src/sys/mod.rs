@@ -117,6 +117,17 @@ pub fn inherited_fd(raw: i32) -> Option<std::os::fd::OwnedFd> {
     Some(fd)
 }
 
+/// Restore the default action of SIGPIPE (terminate quietly), as command-line tools
+/// want: `earfs status | head` then ends like any Unix filter instead of failing on
+/// EPIPE. Not for the daemon, whose sockets must see EPIPE as an error.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler; called before any thread is
+    // started by the command.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
