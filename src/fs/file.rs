@@ -9,6 +9,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -58,19 +61,61 @@ impl Content {
     }
 }
 
+/// The volume's data keys: `None` while locked (CMK revoked), with an epoch bumped on
+/// every change. A file's cipher is valid only for the epoch it was loaded under, so
+/// the data path reads one atomic per operation and takes the lock only to load.
+pub struct VolumeKeys {
+    /// Taken only to load a file's cipher or to change the keys, never across I/O.
+    keys: RwLock<(Option<Arc<Keyring>>, u64)>,
+    /// The current epoch, readable without the lock.
+    epoch: AtomicU64,
+}
+
+impl VolumeKeys {
+    pub fn new(keys: Keyring) -> Self {
+        VolumeKeys {
+            keys: RwLock::new((Some(Arc::new(keys)), 1)),
+            epoch: AtomicU64::new(1),
+        }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The keys and their epoch; `None` while locked.
+    fn snapshot(&self) -> (Option<Arc<Keyring>>, u64) {
+        self.keys.read().clone()
+    }
+
+    /// Install new keys (`None`: lock) and bump the epoch.
+    pub fn set(&self, keys: Option<Keyring>) {
+        let mut k = self.keys.write();
+        k.0 = keys.map(Arc::new);
+        k.1 += 1;
+        self.epoch.store(k.1, Ordering::SeqCst);
+    }
+
+    /// The key versions held and the current one (None while locked).
+    pub fn versions(&self) -> Option<(Vec<u32>, u32)> {
+        self.keys
+            .read()
+            .0
+            .as_ref()
+            .map(|k| (k.versions(), k.current_version()))
+    }
+}
+
 /// What the content functions need: the backing file(s), the keys and, for messages,
 /// a way to name the backing path.
 pub struct Io<'a> {
     pub file: &'a File,
     /// An O_DIRECT descriptor of the same file, for aligned requests.
     pub direct: Option<&'a File>,
-    /// The data keys; `None` while they are locked (CMK revoked): no file I/O.
-    pub keys: Option<&'a Keyring>,
-    /// The key epoch `keys` belong to.
+    pub keys: &'a VolumeKeys,
+    /// The key epoch when the operation started.
     pub epoch: u64,
-    /// The volume's current key epoch, read under the content lock, so that a load that
-    /// raced a key lock is discarded.
-    pub current_epoch: &'a std::sync::atomic::AtomicU64,
     pub path: &'a dyn Fn() -> PathBuf,
 }
 
@@ -137,9 +182,12 @@ fn corrupt(c: &mut Content, io: &Io<'_>, reason: String) -> FsError {
     FsError::Corrupt { path, reason }
 }
 
-/// The keys, or EIO while they are locked.
-fn keys<'a>(io: &Io<'a>) -> FsResult<&'a Keyring> {
-    io.keys.ok_or(FsError::KeysLocked)
+/// The keys and their epoch, or EIO while they are locked.
+fn keys(io: &Io<'_>) -> FsResult<(Arc<Keyring>, u64)> {
+    match io.keys.snapshot() {
+        (Some(k), epoch) => Ok((k, epoch)),
+        (None, _) => Err(FsError::KeysLocked),
+    }
 }
 
 /// Load header and size from the backing file if not yet loaded under these keys.
@@ -148,7 +196,7 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
         return Ok(());
     }
     c.unload();
-    let keys = keys(io)?;
+    let (keys, epoch) = keys(io)?;
     let st = rustix::fs::fstat(io.file)?;
     let backing = st.st_size as u64;
     let Some(size) = backing_size_to_plain_size(backing) else {
@@ -163,18 +211,19 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     } else {
         let mut h = [0u8; HEADER_LEN as usize];
         let n = pread_full(io.file, &mut h, 0)?;
-        match decode_header(keys, &h[..n]) {
+        match decode_header(&keys, &h[..n]) {
             Ok(cipher) => c.cipher = Some(Arc::new(cipher)),
             Err(e) => return Err(corrupt(c, io, e.to_string())),
         }
     }
-    // Keys locked or replaced while we loaded: do not keep a cipher of old keys.
-    if io.current_epoch.load(std::sync::atomic::Ordering::SeqCst) != io.epoch {
+    // Keys locked or replaced while we loaded (checked under the content lock, which
+    // the lock takes for every file after the epoch changed): keep no cipher of old keys.
+    if io.keys.epoch() != epoch {
         c.unload();
         return Err(FsError::KeysLocked);
     }
     c.size = size;
-    c.epoch = io.epoch;
+    c.epoch = epoch;
     c.loaded = true;
     Ok(())
 }
@@ -184,7 +233,7 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
     if let Some(cipher) = &c.cipher {
         return Ok(cipher.clone());
     }
-    let (h, cipher) = new_header(keys(io)?).map_err(|e| FsError::Corrupt {
+    let (h, cipher) = new_header(&keys(io)?.0).map_err(|e| FsError::Corrupt {
         path: (io.path)(),
         reason: e.to_string(),
     })?;
@@ -611,7 +660,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         file: File,
-        keys: Keyring,
+        keys: VolumeKeys,
     }
 
     fn fixture() -> Fixture {
@@ -623,7 +672,7 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
-        let keys = Keyring::new([(1, Dek::generate().unwrap())], 1).unwrap();
+        let keys = VolumeKeys::new(Keyring::new([(1, Dek::generate().unwrap())], 1).unwrap());
         Fixture {
             _dir: dir,
             file,
@@ -639,8 +688,6 @@ mod tests {
         (fx, c)
     }
 
-    static EPOCH_ONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
     fn no_path() -> PathBuf {
         PathBuf::from("<test>")
     }
@@ -650,9 +697,8 @@ mod tests {
             Io {
                 file: &self.file,
                 direct: None,
-                keys: Some(&self.keys),
-                epoch: 1,
-                current_epoch: &EPOCH_ONE,
+                keys: &self.keys,
+                epoch: self.keys.epoch(),
                 path: &no_path,
             }
         }

@@ -103,28 +103,12 @@ struct Handle {
 pub struct EarFs {
     backing: PathBuf,
     inodes: InodeTable,
-    /// The data keys, `None` while locked, and their epoch (bumped on every change).
-    /// Held only to take a snapshot or to change them, never across I/O.
-    keys: RwLock<KeyState>,
-    /// The current epoch, readable without the lock (checked under content locks).
-    epoch: AtomicU64,
+    keys: file::VolumeKeys,
     /// Open files by handle number. The lock guards the map only, never I/O.
     files: RwLock<HashMap<u64, Arc<Handle>>>,
     /// Open directories by handle number. The lock guards the map only.
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
-}
-
-/// The keys as the data path sees them.
-struct KeyState {
-    keys: Option<Arc<Keyring>>,
-    epoch: u64,
-}
-
-/// The keys one operation uses, taken once at its start.
-struct KeySnapshot {
-    keys: Option<Arc<Keyring>>,
-    epoch: u64,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> String {
@@ -183,11 +167,7 @@ impl EarFs {
         Ok(EarFs {
             backing: backing.to_path_buf(),
             inodes: InodeTable::new(fd, (st.st_dev, st.st_ino)),
-            keys: RwLock::new(KeyState {
-                keys: Some(Arc::new(keys)),
-                epoch: 1,
-            }),
-            epoch: AtomicU64::new(1),
+            keys: file::VolumeKeys::new(keys),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -263,27 +243,18 @@ impl EarFs {
         Ok((inode, attr))
     }
 
-    fn key_snapshot(&self) -> KeySnapshot {
-        let k = self.keys.read();
-        KeySnapshot {
-            keys: k.keys.clone(),
-            epoch: k.epoch,
-        }
-    }
-
+    /// The content functions' view of one operation (the key epoch is read once, here).
     fn content_io<'a>(
         &'a self,
         file: &'a File,
         direct: Option<&'a File>,
         path: &'a dyn Fn() -> PathBuf,
-        keys: &'a KeySnapshot,
     ) -> file::Io<'a> {
         file::Io {
             file,
             direct,
-            keys: keys.keys.as_deref(),
-            epoch: keys.epoch,
-            current_epoch: &self.epoch,
+            keys: &self.keys,
+            epoch: self.keys.epoch(),
             path,
         }
     }
@@ -293,12 +264,7 @@ impl EarFs {
     /// Returns the node ids of the regular files known, whose kernel caches the caller
     /// should drop.
     pub fn lock_keys(&self) -> Vec<u64> {
-        {
-            let mut k = self.keys.write();
-            k.keys = None;
-            k.epoch += 1;
-            self.epoch.store(k.epoch, Ordering::SeqCst);
-        }
+        self.keys.set(None);
         let mut files = Vec::new();
         for inode in self.inodes.all() {
             if inode.kind == FileKind::File {
@@ -311,24 +277,17 @@ impl EarFs {
 
     /// Install (new) data keys; files load their cipher again on next use.
     pub fn set_keys(&self, keys: Keyring) {
-        let mut k = self.keys.write();
-        k.keys = Some(Arc::new(keys));
-        k.epoch += 1;
-        self.epoch.store(k.epoch, Ordering::SeqCst);
+        self.keys.set(Some(keys));
     }
 
     /// Whether the data keys are locked.
     pub fn keys_locked(&self) -> bool {
-        self.keys.read().keys.is_none()
+        self.keys.versions().is_none()
     }
 
     /// The key versions in the keyring, and the current one (None while locked).
     pub fn key_versions(&self) -> Option<(Vec<u32>, u32)> {
-        self.keys
-            .read()
-            .keys
-            .as_ref()
-            .map(|k| (k.versions(), k.current_version()))
+        self.keys.versions()
     }
 
     fn backing_path(&self, inode: &Inode) -> PathBuf {
@@ -384,8 +343,7 @@ impl EarFs {
                 }
             };
             let bp = || self.backing_path(&inode);
-            let keys = self.key_snapshot();
-            let io = self.content_io(file, None, &bp, &keys);
+            let io = self.content_io(file, None, &bp);
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
             file::truncate(&mut c, &io, size)?;
@@ -636,11 +594,11 @@ impl EarFs {
         // Check the header now: a damaged file fails at open, with EIO. Once loaded,
         // an open takes no exclusive lock (unless it truncates).
         let truncate = flags & libc::O_TRUNC != 0;
-        let keys = self.key_snapshot();
-        if inode.kind == FileKind::File && (truncate || !inode.content.read().is_loaded(keys.epoch))
+        if inode.kind == FileKind::File
+            && (truncate || !inode.content.read().is_loaded(self.keys.epoch()))
         {
             let bp = || self.backing_path(&inode);
-            let io = self.content_io(&file, None, &bp, &keys);
+            let io = self.content_io(&file, None, &bp);
             let mut c = inode.content.write();
             file::load(&mut c, &io)?;
             if truncate {
@@ -693,8 +651,7 @@ impl EarFs {
     pub fn read(&self, fh: u64, off: u64, size: u32, out: impl FnOnce(&[u8])) -> FsResult<()> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let keys = self.key_snapshot();
-        let io = self.content_io(&h.file, h.direct.as_ref(), &bp, &keys);
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
         let c = Self::shared_loaded(&h.inode, &io)?;
         file::read(&c, &io, off, size, out)
     }
@@ -744,8 +701,7 @@ impl EarFs {
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let keys = self.key_snapshot();
-        let io = self.content_io(&h.file, h.direct.as_ref(), &bp, &keys);
+        let io = self.content_io(&h.file, h.direct.as_ref(), &bp);
         let mut c = h.inode.content.write();
         file::load(&mut c, &io)?;
         file::write(&mut c, &io, off, data)
@@ -771,8 +727,7 @@ impl EarFs {
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
         let h = self.handle(fh)?;
         let bp = || self.backing_path(&h.inode);
-        let keys = self.key_snapshot();
-        let io = self.content_io(&h.file, None, &bp, &keys);
+        let io = self.content_io(&h.file, None, &bp);
         let mut c = h.inode.content.write();
         file::load(&mut c, &io)?;
         file::fallocate(&mut c, &io, off, len, mode)
@@ -788,8 +743,7 @@ impl EarFs {
             _ => return Err(FsError::Invalid),
         };
         let bp = || self.backing_path(&h.inode);
-        let keys = self.key_snapshot();
-        let io = self.content_io(&h.file, None, &bp, &keys);
+        let io = self.content_io(&h.file, None, &bp);
         let c = Self::shared_loaded(&h.inode, &io)?;
         let r = file::seek_data_hole(&c, &io, off, data)?;
         i64::try_from(r).map_err(|_| FsError::Invalid)
