@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Kms, KmsArgs};
 use crate::daemon::{self, Failure, exit};
-use crate::kms::{KeyProvider, PermissionCheck, ProviderSpec, Retry};
+use crate::kms::{KeyProvider, KmsOverrides, PermissionCheck, ProviderSpec, Retry};
 use crate::volume::{self, JoinSource, KeyringExport, VolumeConfig};
 
 /// The KMS bounds for a deadline in seconds.
@@ -151,59 +151,33 @@ fn join_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Fail
             source.key_reference()
         ))
     };
-    let credentials = args.credentials.as_deref().map(daemon::absolute);
-    let spec = match source.clone() {
-        ProviderSpec::Local { key_file } => {
-            refuse_foreign(args, Kms::Local)?;
-            ProviderSpec::Local {
-                key_file: args
-                    .key_file
-                    .as_deref()
-                    .map(daemon::absolute)
-                    .unwrap_or(key_file),
-            }
-        }
-        ProviderSpec::Aws {
-            key_arn,
-            region,
-            endpoint_url,
-            profile,
-            credentials_file,
-        } => {
-            refuse_foreign(args, Kms::Aws)?;
-            if let Some(a) = &args.key_arn
-                && *a != key_arn
-            {
-                return Err(mismatch("--key-arn", a));
-            }
-            ProviderSpec::Aws {
-                key_arn,
-                region: args.region.clone().or(region),
-                endpoint_url: args.endpoint_url.clone().or(endpoint_url),
-                profile: args.profile.clone().or(profile),
-                credentials_file: credentials.or(credentials_file),
-            }
-        }
-        ProviderSpec::Gcp {
-            key_resource,
-            credentials: c,
-            endpoint,
-        } => {
-            refuse_foreign(args, Kms::Gcp)?;
-            if let Some(k) = &args.key_resource
-                && *k != key_resource
-            {
-                return Err(mismatch("--key-resource", k));
-            }
-            ProviderSpec::Gcp {
-                key_resource,
-                credentials: credentials.or(c),
-                endpoint: args.endpoint_url.clone().or(endpoint),
-            }
-        }
+    let (kms, given_key) = match source {
+        ProviderSpec::Local { .. } => (Kms::Local, None),
+        ProviderSpec::Aws { .. } => (Kms::Aws, args.key_arn.as_deref().map(|k| ("--key-arn", k))),
+        ProviderSpec::Gcp { .. } => (
+            Kms::Gcp,
+            args.key_resource.as_deref().map(|k| ("--key-resource", k)),
+        ),
     };
-    spec.validate()?;
-    Ok(spec)
+    refuse_foreign(args, kms)?;
+    if let Some((flag, k)) = given_key
+        && k != source.key_reference()
+    {
+        return Err(mismatch(flag, k));
+    }
+    // The same overrides as a daemon config's [kms] table (the local provider's
+    // "credentials" is its key file).
+    let overrides = KmsOverrides {
+        credentials_file: args
+            .credentials
+            .as_deref()
+            .or(args.key_file.as_deref())
+            .map(daemon::absolute),
+        profile: args.profile.clone(),
+        region: args.region.clone(),
+        endpoint_url: args.endpoint_url.clone(),
+    };
+    Ok(source.with_overrides(&overrides)?)
 }
 
 /// `earfs init --join FILE BACKING`.

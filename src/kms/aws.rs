@@ -23,7 +23,7 @@ use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType};
 use tokio::runtime::Runtime;
 use zeroize::Zeroizing;
 
-use super::retry::{attempt_on, runtime};
+use super::retry::runtime;
 use super::{
     KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Retry, creds, not_tried,
     permission_check,
@@ -48,11 +48,7 @@ pub const PERMISSIONS: [(&str, &str); 5] = [
 ];
 
 fn permission_of(operation: &str) -> &'static str {
-    PERMISSIONS
-        .iter()
-        .find(|(_, op)| *op == operation)
-        .map(|(p, _)| *p)
-        .unwrap_or("the permission for this call")
+    super::permission_for(&PERMISSIONS, operation)
 }
 
 /// A KMS key or alias ARN: `arn:<partition>:kms:<region>:<account>:key/<id>` or
@@ -184,7 +180,7 @@ impl AwsProvider {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5).min(retry.attempt_timeout))
-                    // Our own per-attempt timeout (attempt_on) fires first; this is a backstop.
+                    // Our own per-attempt timeout (Retry::run_on) fires first; this is a backstop.
                     .operation_attempt_timeout(retry.attempt_timeout + Duration::from_secs(1))
                     .build(),
             );
@@ -210,22 +206,20 @@ impl AwsProvider {
         };
         // Resolve now, so that missing credentials get their own clear message rather
         // than failing the first KMS call.
-        retry.run(&call, |t| {
-            attempt_on(&rt, &call, t, async {
-                provider.provide_credentials().await.map(|_| ()).map_err(|e| {
-                    let text = DisplayErrorContext(&e).to_string();
-                    if text.contains("timeout") || text.contains("timed out") {
-                        KmsError::Transient {
-                            call: call.clone(),
-                            reason: text,
-                        }
-                    } else {
-                        KmsError::Credentials(format!(
-                            "no usable AWS credentials for {}: {text}. Give the node credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a shared credentials file or profile, or an instance role (docs/kms.md)",
-                            s.key.arn
-                        ))
+        retry.run_on(&rt, &call, || async {
+            provider.provide_credentials().await.map(|_| ()).map_err(|e| {
+                let text = DisplayErrorContext(&e).to_string();
+                if text.contains("timeout") || text.contains("timed out") {
+                    KmsError::Transient {
+                        call: call.clone(),
+                        reason: text,
                     }
-                })
+                } else {
+                    KmsError::Credentials(format!(
+                        "no usable AWS credentials for {}: {text}. Give the node credentials through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a shared credentials file or profile, or an instance role (docs/kms.md)",
+                        s.key.arn
+                    ))
+                }
             })
         })?;
         let client = Client::new(&conf);
@@ -252,15 +246,13 @@ impl AwsProvider {
     /// DescribeKey, checked for what earfs needs.
     fn describe(&self) -> Result<KeyDescription, KmsError> {
         let call = self.call("DescribeKey");
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .describe_key()
-                    .key_id(&self.key.arn)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .describe_key()
+                .key_id(&self.key.arn)
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         let unusable = |reason: String| KmsError::KeyUnusable {
             call: call.clone(),
@@ -329,15 +321,13 @@ impl AwsProvider {
     /// The alias names of the key.
     fn aliases(&self, key_id: &str) -> Result<Vec<String>, KmsError> {
         let call = self.call("ListAliases");
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .list_aliases()
-                    .key_id(key_id)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .list_aliases()
+                .key_id(key_id)
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         Ok(out
             .aliases()
@@ -348,17 +338,15 @@ impl AwsProvider {
 
     fn generate_wrapped(&self, key: &str, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
         let call = self.call("GenerateDataKeyWithoutPlaintext");
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .generate_data_key_without_plaintext()
-                    .key_id(key)
-                    .number_of_bytes(DEK_LEN as i32)
-                    .set_encryption_context(Some(Self::context(keyring_id)))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .generate_data_key_without_plaintext()
+                .key_id(key)
+                .number_of_bytes(DEK_LEN as i32)
+                .set_encryption_context(Some(Self::context(keyring_id)))
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         match out.ciphertext_blob() {
             Some(b) if !b.as_ref().is_empty() => Ok(b.as_ref().to_vec()),
@@ -371,17 +359,15 @@ impl AwsProvider {
 
     fn decrypt(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError> {
         let call = self.call("Decrypt");
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .decrypt()
-                    .key_id(&self.key.arn)
-                    .ciphertext_blob(Blob::new(wrapped))
-                    .set_encryption_context(Some(Self::context(keyring_id)))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .decrypt()
+                .key_id(&self.key.arn)
+                .ciphertext_blob(Blob::new(wrapped))
+                .set_encryption_context(Some(Self::context(keyring_id)))
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         // (An alias ARN is resolved by KMS itself; only a key ARN can be compared.)
         if let Some(k) = out.key_id()
@@ -415,17 +401,15 @@ impl AwsProvider {
         let call = self.call("Encrypt");
         let mut probe = Zeroizing::new([0u8; 32]);
         random_bytes(&mut probe[..])?;
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .encrypt()
-                    .key_id(&self.key.arn)
-                    .plaintext(Blob::new(&probe[..]))
-                    .set_encryption_context(Some(Self::context(keyring_id)))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .encrypt()
+                .key_id(&self.key.arn)
+                .plaintext(Blob::new(&probe[..]))
+                .set_encryption_context(Some(Self::context(keyring_id)))
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         Ok(out
             .ciphertext_blob()

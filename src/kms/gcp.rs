@@ -23,7 +23,7 @@ use google_cloud_kms_v1::model::crypto_key_version::CryptoKeyVersionState;
 use tokio::runtime::Runtime;
 use zeroize::Zeroizing;
 
-use super::retry::{attempt_on, runtime};
+use super::retry::runtime;
 use super::{
     KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Retry, creds, not_tried,
     permission_check,
@@ -51,11 +51,7 @@ pub const PERMISSIONS: [(&str, &str); 5] = [
 ];
 
 fn permission_of(operation: &str) -> &'static str {
-    PERMISSIONS
-        .iter()
-        .find(|(_, op)| *op == operation)
-        .map(|(p, _)| *p)
-        .unwrap_or("the permission for this call")
+    super::permission_for(&PERMISSIONS, operation)
 }
 
 /// A key resource id: `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
@@ -209,15 +205,13 @@ impl GcpProvider {
 
     fn get_key_ring(&self) -> Result<String, KmsError> {
         let call = self.call("keyRings.get");
-        let ring = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .get_key_ring()
-                    .set_name(&self.key.key_ring)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let ring = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .get_key_ring()
+                .set_name(&self.key.key_ring)
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         Ok(ring.name)
     }
@@ -225,15 +219,13 @@ impl GcpProvider {
     /// cryptoKeys.get, checked for what earfs needs.
     fn get_crypto_key(&self) -> Result<KeyDescription, KmsError> {
         let call = self.call("cryptoKeys.get");
-        let key = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .get_crypto_key()
-                    .set_name(&self.key.name)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let key = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .get_crypto_key()
+                .set_name(&self.key.name)
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         let unusable = |reason: String| KmsError::KeyUnusable {
             call: call.clone(),
@@ -280,17 +272,15 @@ impl GcpProvider {
 
     fn random_bytes(&self) -> Result<Dek, KmsError> {
         let call = self.call("locations.generateRandomBytes");
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .generate_random_bytes()
-                    .set_location(&self.key.location)
-                    .set_length_bytes(DEK_LEN as i32)
-                    .set_protection_level(ProtectionLevel::Hsm)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .generate_random_bytes()
+                .set_location(&self.key.location)
+                .set_length_bytes(DEK_LEN as i32)
+                .set_protection_level(ProtectionLevel::Hsm)
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         let data = take_secret(out.data);
         check_crc(&call, "random bytes", &data, out.data_crc32c)?;
@@ -303,19 +293,17 @@ impl GcpProvider {
     fn encrypt(&self, plaintext: &[u8], keyring_id: &str) -> Result<Vec<u8>, KmsError> {
         let call = self.call("cryptoKeys.encrypt");
         let aad = keyring_id.as_bytes();
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .encrypt()
-                    .set_name(&self.key.name)
-                    .set_plaintext(secret_request_bytes(plaintext))
-                    .set_plaintext_crc32c(crc(plaintext))
-                    .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
-                    .set_additional_authenticated_data_crc32c(crc(aad))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .encrypt()
+                .set_name(&self.key.name)
+                .set_plaintext(secret_request_bytes(plaintext))
+                .set_plaintext_crc32c(crc(plaintext))
+                .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
+                .set_additional_authenticated_data_crc32c(crc(aad))
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         if !out.verified_plaintext_crc32c {
             return Err(KmsError::Checksum {
@@ -348,19 +336,17 @@ impl GcpProvider {
     fn decrypt(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError> {
         let call = self.call("cryptoKeys.decrypt");
         let aad = keyring_id.as_bytes();
-        let out = self.retry.run(&call, |t| {
-            attempt_on(&self.rt, &call, t, async {
-                self.client
-                    .decrypt()
-                    .set_name(&self.key.name)
-                    .set_ciphertext(bytes::Bytes::copy_from_slice(wrapped))
-                    .set_ciphertext_crc32c(crc(wrapped))
-                    .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
-                    .set_additional_authenticated_data_crc32c(crc(aad))
-                    .send()
-                    .await
-                    .map_err(|e| classify(&call, e))
-            })
+        let out = self.retry.run_on(&self.rt, &call, || async {
+            self.client
+                .decrypt()
+                .set_name(&self.key.name)
+                .set_ciphertext(bytes::Bytes::copy_from_slice(wrapped))
+                .set_ciphertext_crc32c(crc(wrapped))
+                .set_additional_authenticated_data(bytes::Bytes::copy_from_slice(aad))
+                .set_additional_authenticated_data_crc32c(crc(aad))
+                .send()
+                .await
+                .map_err(|e| classify(&call, e))
         })?;
         let pt = take_secret(out.plaintext);
         check_crc(&call, "plaintext", &pt, out.plaintext_crc32c)?;

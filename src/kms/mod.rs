@@ -370,6 +370,15 @@ impl KmsError {
     }
 }
 
+/// The permission an operation needs, from a provider's (permission, operation) table.
+fn permission_for(table: &[(&'static str, &'static str)], operation: &str) -> &'static str {
+    table
+        .iter()
+        .find(|(_, op)| *op == operation)
+        .map(|(p, _)| *p)
+        .unwrap_or("the permission for this call")
+}
+
 /// A permission check from the outcome of the call that exercised it.
 fn permission_check<T>(
     permission: &'static str,

@@ -89,9 +89,25 @@ pub(super) fn runtime(call: &KmsCall) -> Result<tokio::runtime::Runtime, KmsErro
         })
 }
 
+impl Retry {
+    /// [`Retry::run`] for an async SDK call: each attempt is a fresh future from `f`,
+    /// run on `rt` and bounded by its attempt timeout.
+    pub(super) fn run_on<T, Fut>(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        call: &KmsCall,
+        mut f: impl FnMut() -> Fut,
+    ) -> Result<T, KmsError>
+    where
+        Fut: std::future::Future<Output = Result<T, KmsError>>,
+    {
+        self.run(call, |t| attempt_on(rt, call, t, f()))
+    }
+}
+
 /// Run one attempt of an SDK call on `rt`, bounded by `timeout`. An attempt that runs
 /// out of time is a transient failure.
-pub(super) fn attempt_on<T>(
+fn attempt_on<T>(
     rt: &tokio::runtime::Runtime,
     call: &KmsCall,
     timeout: Duration,
