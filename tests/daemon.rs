@@ -359,13 +359,36 @@ fn status_and_metrics_after_a_known_workload() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let out = as_nobody(&format!(
-        "EARFS_RUNTIME_DIR={} {} status {}",
-        s(&dm.runtime),
-        earfs(),
-        s(&dm.mnt)
-    ));
-    assert!(!out.status.success());
+    let nobody_status = || {
+        let out = as_nobody(&format!(
+            "EARFS_RUNTIME_DIR={} {} status",
+            s(&dm.runtime),
+            earfs()
+        ));
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The runtime directory is root's (0700)…
+    let err = nobody_status();
+    assert!(err.contains("earfs status needs root"), "{err}");
+    // …and even with it and the socket opened up, the daemon checks the peer.
+    std::fs::set_permissions(
+        &dm.runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for sock in std::fs::read_dir(&dm.runtime).unwrap() {
+        std::fs::set_permissions(
+            sock.unwrap().path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+    }
+    let err = nobody_status();
+    assert!(
+        err.contains("only root may use the control socket"),
+        "{err}"
+    );
     // Metrics.
     let (code, page) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
@@ -466,6 +489,19 @@ fn config_errors_name_the_key_and_the_file_and_flags_override_the_file() {
     assert_eq!(st["revocation_policy"], "warn");
 }
 
+/// `earfs init FLAGS BACKING`, which must succeed.
+fn init_with(flags: Vec<String>, backing: &Path) {
+    let mut a = vec!["init".to_string()];
+    a.extend(flags);
+    a.push(s(backing).into());
+    let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The recheck against a KMS: revoke, see EIO and why; restore, see the data again.
 fn revocation_round_trip(
     init_args: Vec<String>,
@@ -476,15 +512,7 @@ fn revocation_round_trip(
 ) {
     let d = tmp();
     let backing = d.path().join("backing");
-    let mut a = vec!["init".to_string()];
-    a.extend(init_args);
-    a.push(s(&backing).into());
-    let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_with(init_args, &backing);
     std::fs::create_dir_all(d.path().join("mnt")).unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -561,16 +589,7 @@ fn revocation_with_aws_kms_locks_and_resumes() {
     let dir = tmp();
     let creds = dir.path().join("creds");
     aws_credentials_file(&creds, "AKIDREV", "secret");
-    let args = vec![
-        "--kms".into(),
-        "aws".into(),
-        "--key-arn".into(),
-        arn.clone(),
-        "--endpoint-url".into(),
-        fake.url.clone(),
-        "--credentials".into(),
-        s(&creds).into(),
-    ];
+    let args = provider_flags("aws", &fake, &arn, &creds);
     let state = |st: &str| {
         fake.post("/__fake/key-state", json!({ "keyId": arn, "state": st }));
     };
@@ -597,16 +616,7 @@ fn revocation_with_google_cloud_kms_locks_and_resumes() {
     let dir = tmp();
     let sa = dir.path().join("sa.json");
     gcp_service_account(&fake, "node@p.iam.gserviceaccount.com", &["*"], &sa);
-    let args = vec![
-        "--kms".into(),
-        "gcp".into(),
-        "--key-resource".into(),
-        key.clone(),
-        "--endpoint-url".into(),
-        fake.url.clone(),
-        "--credentials".into(),
-        s(&sa).into(),
-    ];
+    let args = provider_flags("gcp", &fake, &key, &sa);
     let perms = |p: &[&str]| {
         fake.post(
             "/__fake/permissions",
@@ -638,23 +648,7 @@ fn revocation_policy_warn_keeps_serving() {
     let sa = d.path().join("sa.json");
     gcp_service_account(&fake, "node@p.iam.gserviceaccount.com", &["*"], &sa);
     let backing = d.path().join("backing");
-    let out = run(&[
-        "init",
-        "--kms",
-        "gcp",
-        "--key-resource",
-        &key,
-        "--endpoint-url",
-        &fake.url,
-        "--credentials",
-        s(&sa),
-        s(&backing),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_with(provider_flags("gcp", &fake, &key, &sa), &backing);
     std::fs::create_dir_all(d.path().join("mnt")).unwrap();
     let dm = Daemon::start(
         d.path(),
@@ -705,23 +699,7 @@ fn systemd_credential_overrides_the_credentials_file_named_at_init() {
         user["secretAccessKey"].as_str().unwrap(),
     );
     let backing = d.path().join("backing");
-    let out = run(&[
-        "init",
-        "--kms",
-        "aws",
-        "--key-arn",
-        &arn,
-        "--endpoint-url",
-        &fake.url,
-        "--credentials",
-        s(&at_init),
-        s(&backing),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_with(provider_flags("aws", &fake, &arn, &at_init), &backing);
     // The file named at init is gone; systemd hands the credential over instead
     // (LoadCredential=kms:… puts it at $CREDENTIALS_DIRECTORY/kms).
     let creds_dir = d.path().join("credentials");

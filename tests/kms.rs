@@ -63,6 +63,21 @@ fn keyring_id(backing: &Path) -> String {
         .to_string()
 }
 
+/// Put `from`'s wrapped data key into `into`'s earfs.conf (same CMK, other keyring
+/// id); returns `into`'s original config text.
+fn move_wrapped_key(from: &Path, into: &Path) -> String {
+    let wrapped = |p: &Path| {
+        conf_value(p)["keyring"]["keys"][0]["wrapped"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let conf = into.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, text.replace(&wrapped(into), &wrapped(from))).unwrap();
+    text
+}
+
 fn check_json(args: &[&str]) -> (i32, Value) {
     let mut a = vec!["kms-check", "--json"];
     a.extend_from_slice(args);
@@ -123,16 +138,7 @@ impl Aws {
         self.flags_with(key, &self.creds)
     }
     fn flags_with(&self, key: &str, creds: &Path) -> Vec<String> {
-        vec![
-            "--kms".into(),
-            "aws".into(),
-            "--key-arn".into(),
-            key.into(),
-            "--endpoint-url".into(),
-            self.fake.url.clone(),
-            "--credentials".into(),
-            s(creds).into(),
-        ]
+        provider_flags("aws", &self.fake, key, creds)
     }
     fn init(&self, key: &str, backing: &Path) -> (i32, String, String) {
         let mut a: Vec<String> = vec!["init".into()];
@@ -349,15 +355,8 @@ fn aws_wrapped_keys_are_bound_to_their_key_and_keyring() {
     let mnt = aws.dir.mnt("mnt");
     // B's wrapped key moved into A's config: same CMK, other keyring id → the
     // encryption context does not match and KMS refuses.
-    let wrapped = |p: &Path| {
-        conf_value(p)["keyring"]["keys"][0]["wrapped"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let text = move_wrapped_key(&b, &a);
     let conf = a.join("earfs.conf");
-    let text = fs::read_to_string(&conf).unwrap();
-    fs::write(&conf, text.replace(&wrapped(&a), &wrapped(&b))).unwrap();
     let (c, _, err) = earfs_out(&["mount", s(&a), s(&mnt)]);
     assert_eq!(c, 14, "{err}");
     assert!(err.contains("bound to another keyring"), "{err}");
@@ -615,16 +614,7 @@ impl Gcp {
         Gcp { fake, dir, sa, key }
     }
     fn flags_with(&self, key: &str, sa: &Path) -> Vec<String> {
-        vec![
-            "--kms".into(),
-            "gcp".into(),
-            "--key-resource".into(),
-            key.into(),
-            "--endpoint-url".into(),
-            self.fake.url.clone(),
-            "--credentials".into(),
-            s(sa).into(),
-        ]
+        provider_flags("gcp", &self.fake, key, sa)
     }
     fn init(&self, key: &str, backing: &Path) -> (i32, String, String) {
         let mut a = vec!["init".to_string()];
@@ -753,15 +743,8 @@ fn gcp_bad_keys_versions_and_states_are_refused() {
     // A wrapped key moved to another keyring id: the AAD does not match.
     let other = g.dir.p("other");
     assert_eq!(g.init(&g.key, &other).0, 0);
-    let w = |p: &Path| {
-        conf_value(p)["keyring"]["keys"][0]["wrapped"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let text = move_wrapped_key(&other, &node);
     let conf = node.join("earfs.conf");
-    let text = fs::read_to_string(&conf).unwrap();
-    fs::write(&conf, text.replace(&w(&node), &w(&other))).unwrap();
     let (c, _, err) = earfs_out(&["mount", s(&node), s(&mnt)]);
     assert_eq!(c, 14, "{err}");
     fs::write(&conf, &text).unwrap();

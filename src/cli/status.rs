@@ -14,7 +14,15 @@ pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> 
                 .map_err(|e| Failure::new(exit::NOT_MOUNTED, format!("{}: {e}", mp.display())))?;
             vec![socket_path(&canon)]
         }
-        None => sockets(),
+        None => sockets().map_err(|e| {
+            Failure::new(
+                exit::FAILURE,
+                format!(
+                    "cannot read {}: {e} (earfs status needs root)",
+                    runtime_dir().display()
+                ),
+            )
+        })?,
     };
     let mut replies = Vec::new();
     for sock in &targets {
@@ -31,6 +39,13 @@ pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> 
                         exit::NOT_MOUNTED
                     },
                     format!("no earfs daemon answers for {mp} ({}: {e})", sock.display()),
+                ));
+            }
+            // The daemon refused us (not root).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Failure::new(
+                    exit::FAILURE,
+                    format!("{}: {e}", sock.display()),
                 ));
             }
             // A socket of a daemon that died: skip it.

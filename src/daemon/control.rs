@@ -98,16 +98,18 @@ pub fn request_status(socket: &Path) -> std::io::Result<serde_json::Value> {
     Ok(v)
 }
 
-/// Every control socket in the runtime directory.
-pub fn sockets() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(runtime_dir())
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
-                .collect()
-        })
-        .unwrap_or_default();
+/// Every control socket in the runtime directory (none if it does not exist).
+pub fn sockets() -> std::io::Result<Vec<PathBuf>> {
+    let it = match std::fs::read_dir(runtime_dir()) {
+        Ok(it) => it,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut v: Vec<PathBuf> = it
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
     v.sort();
-    v
+    Ok(v)
 }

@@ -137,6 +137,28 @@ pub fn aws_credentials_file(path: &Path, access_key: &str, secret: &str) {
     );
 }
 
+/// The `earfs init`/`kms-check` flags for a key of `provider` ("aws" or "gcp") held by
+/// `fake`, with a credentials file.
+pub fn provider_flags(provider: &str, fake: &Fake, key: &str, creds: &Path) -> Vec<String> {
+    let key_flag = match provider {
+        "aws" => "--key-arn",
+        "gcp" => "--key-resource",
+        other => panic!("no provider {other}"),
+    };
+    [
+        "--kms",
+        provider,
+        key_flag,
+        key,
+        "--endpoint-url",
+        &fake.url,
+        "--credentials",
+        creds.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// An AWS key made through the fake's control API: `(key ARN, alias ARN)`.
 pub fn aws_key(fake: &Fake, alias: &str) -> (String, String) {
     let v = fake.post("/__fake/keys", json!({ "aliases": [alias] }));
@@ -196,35 +218,18 @@ fn shared(provider: &str) -> &'static SharedKms {
                 let fake = Fake::aws(false);
                 let (arn, _) = aws_key(&fake, "alias/earfs-suite");
                 aws_credentials_file(&creds, "AKIDSUITE", "suite-secret");
-                let args = vec![
-                    "--kms".into(),
-                    "aws".into(),
-                    "--key-arn".into(),
-                    arn,
-                    "--endpoint-url".into(),
-                    fake.url.clone(),
-                ];
+                let args = provider_flags("aws", &fake, &arn, &creds);
                 (fake, args)
             }
             "gcp" => {
                 let fake = Fake::gcp();
                 let name = gcp_key(&fake, "suite", "k");
                 gcp_service_account(&fake, "suite@p.iam.gserviceaccount.com", &["*"], &creds);
-                let args = vec![
-                    "--kms".into(),
-                    "gcp".into(),
-                    "--key-resource".into(),
-                    name,
-                    "--endpoint-url".into(),
-                    fake.url.clone(),
-                ];
+                let args = provider_flags("gcp", &fake, &name, &creds);
                 (fake, args)
             }
             other => panic!("EARFS_TEST_KMS={other}: expected local, aws or gcp"),
         };
-        let mut init_args = init_args;
-        init_args.push("--credentials".into());
-        init_args.push(creds.to_str().unwrap().to_string());
         SharedKms {
             _fake: fake,
             _dir: dir,
