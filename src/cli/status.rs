@@ -41,15 +41,20 @@ pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> 
                     format!("no earfs daemon answers for {mp} ({}: {e})", sock.display()),
                 ));
             }
-            // The daemon refused us (not root).
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // A socket of a daemon that died: nobody listens on it any more.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) => {}
+            // The daemon refused us (not root), or did not answer properly: say so
+            // rather than report that none is running.
+            Err(e) => {
                 return Err(Failure::new(
                     exit::FAILURE,
                     format!("{}: {e}", sock.display()),
                 ));
             }
-            // A socket of a daemon that died: skip it.
-            Err(_) => {}
         }
     }
     if json {

@@ -64,12 +64,15 @@ fn answer(shared: &Shared, conn: UnixStream) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     let peer = rustix::net::sockopt::socket_peercred(&conn);
     let mut w = &conn;
-    if !matches!(&peer, Ok(c) if c.uid.is_root()) {
-        let _ = writeln!(w, "{{\"error\":\"only root may use the control socket\"}}");
-        return;
-    }
+    // Read the request before answering, even a refusal: closing with the request
+    // unread would reset the connection, and the caller would see a reset instead of
+    // the reason.
     let mut line = String::new();
     if BufReader::new(&conn).read_line(&mut line).is_err() {
+        return;
+    }
+    if !matches!(&peer, Ok(c) if c.uid.is_root()) {
+        let _ = writeln!(w, "{{\"error\":\"only root may use the control socket\"}}");
         return;
     }
     let reply = match line.trim() {
