@@ -715,11 +715,61 @@ fn systemd_credential_overrides_the_credentials_file_named_at_init() {
     std::fs::write(dm.mnt.join("f"), b"x").unwrap();
     drop(dm);
     // Without it, the start fails on the missing file, as a credentials error.
-    let out = run(&["mount", s(&backing), s(&d.path().join("mnt"))]);
+    let mnt = d.path().join("mnt");
+    let out = run(&["mount", s(&backing), s(&mnt)]);
     assert_eq!(
         out.status.code(),
         Some(28),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("init-credentials"), "{stderr}");
+    // `--credentials` names this node's file instead…
+    let by_flag = d.path().join("flag-credentials");
+    std::fs::rename(creds_dir.join("kms"), &by_flag).unwrap();
+    let dm = Daemon::start(
+        d.path(),
+        &[s(&backing), s(&mnt), "--credentials", s(&by_flag)],
+        &[],
+    );
+    dm.until("READY=1");
+    assert_eq!(std::fs::read(dm.mnt.join("f")).unwrap(), b"x");
+    drop(dm);
+    // …and so does the config's kms.credentials_file,
+    let by_config = d.path().join("config-credentials");
+    std::fs::rename(&by_flag, &by_config).unwrap();
+    let cfg = d.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backing = \"{}\"\nmountpoint = \"{}\"\n[kms]\ncredentials_file = \"{}\"\n",
+            s(&backing),
+            s(&mnt),
+            s(&by_config)
+        ),
+    )
+    .unwrap();
+    let dm = Daemon::start(d.path(), &["--config", s(&cfg)], &[]);
+    dm.until("READY=1");
+    assert_eq!(std::fs::read(dm.mnt.join("f")).unwrap(), b"x");
+    drop(dm);
+    // …which a flag overrides (here with a file that is not there: refused, by name).
+    let out = run(&["mount", "--config", s(&cfg), "--credentials", s(&by_flag)]);
+    assert_eq!(out.status.code(), Some(28));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("flag-credentials"), "{stderr}");
+    // A file named in the config that others can read is refused like any other.
+    std::fs::set_permissions(
+        &by_config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = run(&["mount", "--config", s(&cfg)]);
+    assert_eq!(out.status.code(), Some(28));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains("chmod 600") && stderr.contains("config-credentials"),
+        "{stderr}"
     );
 }

@@ -587,6 +587,64 @@ fn aws_missing_permissions_and_bad_credentials_are_named() {
     assert!(!is_mounted(&mnt));
 }
 
+#[test]
+fn aws_default_shared_credentials_file_is_used_and_must_be_private() {
+    let aws = Aws::new(true);
+    let (arn, _) = aws_key(&aws.fake, "alias/home");
+    let v = aws.fake.post(
+        "/__fake/users",
+        json!({ "name": "home", "actions": [
+            "kms:DescribeKey", "kms:ListAliases", "kms:GenerateDataKeyWithoutPlaintext",
+            "kms:Decrypt", "kms:Encrypt"] }),
+    );
+    // No --credentials: the SDK's own search finds $HOME/.aws/credentials.
+    let home = aws.dir.p("home");
+    fs::create_dir_all(home.join(".aws")).unwrap();
+    let file = home.join(".aws/credentials");
+    aws_credentials_file(
+        &file,
+        v["accessKeyId"].as_str().unwrap(),
+        v["secretAccessKey"].as_str().unwrap(),
+    );
+    let check = || {
+        let out = std::process::Command::new(earfs())
+            .args([
+                "kms-check",
+                "--kms",
+                "aws",
+                "--key-arn",
+                &arn,
+                "--endpoint-url",
+                &aws.fake.url,
+            ])
+            .env("HOME", &home)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+            .env_remove("AWS_CONFIG_FILE")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (c, out) = check();
+    assert_eq!(c, 0, "{out}");
+    // The same file, readable by others: refused before any call, with the fix.
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+    let (c, out) = check();
+    assert_eq!(c, 28, "{out}");
+    assert!(
+        out.contains("chmod 600") && out.contains(".aws/credentials"),
+        "{out}"
+    );
+}
+
 // ---------------------------------------------------------------- Google Cloud KMS
 
 struct Gcp {
