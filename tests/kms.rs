@@ -33,14 +33,13 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-struct Dir(tempfile::TempDir);
+/// The test's scratch directory; whatever is mounted under it is unmounted when the
+/// test ends, pass or fail.
+struct Dir(TestDir);
 
 impl Dir {
     fn new() -> Dir {
-        Dir(tempfile::Builder::new()
-            .prefix("earfs-kms-test-")
-            .tempdir()
-            .unwrap())
+        Dir(TestDir::new("earfs-kms-test-"))
     }
     fn p(&self, rel: &str) -> PathBuf {
         self.0.path().join(rel)

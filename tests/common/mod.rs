@@ -55,6 +55,46 @@ impl Drop for MountGuard {
     }
 }
 
+/// A temporary directory that, when dropped, first unmounts anything mounted under
+/// it, so that a failing test leaves no mount behind, whatever it mounted.
+pub struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    pub fn new(prefix: &str) -> TestDir {
+        TestDir(
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .expect("temp dir"),
+        )
+    }
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        for mp in mounts_under(self.0.path()) {
+            force_unmount(&mp);
+        }
+    }
+}
+
+/// The mountpoints at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    v.dedup();
+    v
+}
+
 pub fn is_mounted(mp: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mp = mp.to_string_lossy().replace(' ', "\\040");

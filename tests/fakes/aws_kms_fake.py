@@ -763,7 +763,6 @@ class Handler(BaseHTTPRequestHandler):
             result = self._proxy_to_moto(op, params, body, backend, targets)
 
         status, headers, out = result
-        self._send(status, headers, out)
         err = response_error_type(status, headers, out)
         entry = {
             "op": op,
@@ -773,8 +772,11 @@ class Handler(BaseHTTPRequestHandler):
             "errorType": err,
             "keyId": log_key,
         }
+        # Recorded before the reply goes out: a client that has its reply must find
+        # its request in /__fake/requests.
         with STATE.lock:
             STATE.requests.append(entry)
+        self._send(status, headers, out)
         ms = (time.monotonic() - t0) * 1000
         log(
             f"op={op or self.command + ' ' + self.path} status={status} "

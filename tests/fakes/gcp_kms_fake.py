@@ -346,10 +346,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             obj = {"error": {"code": 500, "message": f"Internal error in fake: {type(e).__name__}: {e}",
                              "status": "INTERNAL"}}
-        try:
-            self._send(status, obj, headers)
-        finally:
-            self._record(method, path, email, status, control)
+        # Recorded before the reply goes out: a client that has its reply must find
+        # its request in the log.
+        self._record(method, path, email, status, control)
+        self._send(status, obj, headers)
 
     def _record(self, method, path, email, status, control):
         if not control:
