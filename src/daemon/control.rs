@@ -5,7 +5,7 @@
 //! credentials are checked on every connection. The protocol is one request line
 //! (`status`) and one JSON reply.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -68,7 +68,10 @@ fn answer(shared: &Shared, conn: UnixStream) {
     // unread would reset the connection, and the caller would see a reset instead of
     // the reason.
     let mut line = String::new();
-    if BufReader::new(&conn).read_line(&mut line).is_err() {
+    if BufReader::new((&conn).take(1024))
+        .read_line(&mut line)
+        .is_err()
+    {
         return;
     }
     if !matches!(&peer, Ok(c) if c.uid.is_root()) {
