@@ -538,6 +538,18 @@ fn aws_missing_permissions_and_bad_credentials_are_named() {
     a.extend(aws.flags_with(&arn, &admin));
     a.push(s(&b).into());
     ok(&strs(&a));
+    // kms-check of that volume passes with the credentials recorded at init, and with
+    // this node's (--credentials over them) names the missing kms:Decrypt.
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 0, "{v}");
+    let (c, v) = check_json(&["--credentials", s(&no_decrypt), s(&b)]);
+    assert_eq!(c, 29, "{v}");
+    let failed: Vec<_> = check_results(&v)
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(failed, ["kms:Decrypt"], "{v}");
     let node = aws.dir.p("node");
     ok(&["init", "--join", s(&b.join("earfs.conf")), s(&node)]);
     let conf = node.join("earfs.conf");

@@ -133,9 +133,10 @@ pub(super) fn open_validated(
     Ok((spec, provider))
 }
 
-/// This node's settings for the source's key: the source's, with the per-node flags
-/// (credentials, profile, endpoint, region) applied. The key itself cannot change.
-fn join_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
+/// This node's settings for an existing keyring's key (a volume's, or one to join):
+/// the recorded ones, with the per-node flags (credentials, profile, endpoint, region)
+/// applied. The key itself cannot change.
+fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
     if let Some(k) = args.kms
         && kms_name(k) != source.name()
     {
@@ -184,7 +185,7 @@ fn join_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Fail
 pub(super) fn join(args: &KmsArgs, file: &Path, backing: &Path) -> Result<(), Failure> {
     volume::check_new(backing)?;
     let source = JoinSource::read(file)?;
-    let spec = join_spec(args, source.kms())?;
+    let spec = node_spec(args, source.kms())?;
     daemon::protect_key_material();
     let provider = spec.open(retry(args.kms_deadline)?)?;
     let cfg = volume::join(backing, file, &source, spec, provider.as_ref())?;
@@ -264,9 +265,10 @@ fn run_check(
             }
             let cfg = VolumeConfig::load(b)?;
             let wrapped = cfg.current_wrapped(b)?;
-            let provider = cfg.kms.open(r)?;
+            let spec = node_spec(args, &cfg.kms)?;
+            let provider = spec.open(r)?;
             let checks = provider.check(&cfg.keyring.id, Some(&wrapped));
-            Ok((cfg.kms, checks))
+            Ok((spec, checks))
         }
         None => {
             let kms = args.kms.ok_or_else(|| {

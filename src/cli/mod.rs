@@ -96,8 +96,9 @@ pub enum Command {
     /// Preflight a KMS key: try every permission earfs needs, for real, and show each.
     ///
     /// Give either a key (--kms aws --key-arn …, --kms gcp --key-resource …) before
-    /// creating a volume, or the BACKING directory of an existing volume. Exits 0 only
-    /// if every check passes.
+    /// creating a volume, or the BACKING directory of an existing volume (--credentials,
+    /// --profile, --region and --endpoint-url then override what the volume recorded at
+    /// init, as they do at mount). Exits 0 only if every check passes.
     KmsCheck {
         #[command(flatten)]
         kms: KmsArgs,
