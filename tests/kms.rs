@@ -23,6 +23,19 @@ fn earfs_out(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `earfs mount` with a KMS deadline, the background daemon logging to `log`.
+fn mount_logged(backing: &Path, mnt: &Path, log: &Path, deadline: &str) -> (i32, String, String) {
+    earfs_out(&[
+        "mount",
+        "--kms-deadline",
+        deadline,
+        "--log-file",
+        s(log),
+        s(backing),
+        s(mnt),
+    ])
+}
+
 fn ok(args: &[&str]) -> String {
     let (c, o, e) = earfs_out(args);
     assert_eq!(c, 0, "earfs {args:?}: {e}\n{o}");
@@ -377,17 +390,7 @@ fn aws_throttling_5xx_and_slow_replies_are_retried_within_the_deadline() {
     assert_eq!(aws.init(&arn, &node).0, 0);
     let mnt = aws.dir.mnt("mnt");
     let log = aws.dir.p("daemon.log");
-    let mount = |deadline: &str| {
-        earfs_out(&[
-            "mount",
-            "--kms-deadline",
-            deadline,
-            "--log-file",
-            s(&log),
-            s(&node),
-            s(&mnt),
-        ])
-    };
+    let mount = |deadline: &str| mount_logged(&node, &mnt, &log, deadline);
     // Two throttles, a KMS 500 and a load balancer's 503, then success.
     aws.fault(json!({"op": "Decrypt", "count": 2, "errorType": "ThrottlingException", "message": "Rate exceeded"}));
     aws.fault(
@@ -831,17 +834,7 @@ fn gcp_permissions_credentials_faults_and_crc() {
     assert_eq!(g.init(&g.key, &node).0, 0);
     let mnt = g.dir.mnt("mnt");
     let log = g.dir.p("daemon.log");
-    let mount = |deadline: &str| {
-        earfs_out(&[
-            "mount",
-            "--kms-deadline",
-            deadline,
-            "--log-file",
-            s(&log),
-            s(&node),
-            s(&mnt),
-        ])
-    };
+    let mount = |deadline: &str| mount_logged(&node, &mnt, &log, deadline);
     // Permission revoked: kms-check names it; mount fails with exit 24 naming it.
     g.permissions(&ALL_GCP[..4]);
     let (c, v) = check_json(&[s(&node)]);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::daemon::{self, Failure, exit};
-use crate::kms::{ProviderSpec, Retry, create_key_file};
+use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry, create_key_file};
 use crate::volume::{self, VolumeConfig};
 
 mod kms;
@@ -61,7 +61,7 @@ pub struct KmsArgs {
     #[arg(long, visible_alias = "endpoint", value_name = "URL")]
     pub endpoint_url: Option<String>,
     /// Seconds that one KMS operation may take, retries of throttling, timeouts and 5xx included.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
     pub kms_deadline: u64,
 }
 
@@ -115,7 +115,7 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
         /// Seconds that the KMS may take (see mount --kms-deadline).
-        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,

@@ -93,7 +93,9 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
     }
     let kms_deadline = match a.kms_deadline {
         Some(s) => super::kms::retry(s)?,
-        None => Retry::with_deadline(file.kms_deadline.unwrap_or(Duration::from_secs(60))),
+        None => file
+            .kms_deadline
+            .map_or_else(Retry::default, Retry::with_deadline),
     };
     let recheck_interval = match &a.recheck_interval {
         Some(s) => parse_interval(s).map_err(|m| usage(format!("--recheck-interval: {m}")))?,

@@ -25,8 +25,8 @@ use zeroize::Zeroizing;
 
 use super::retry::runtime;
 use super::{
-    KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Retry, creds, not_tried,
-    permission_check,
+    KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Permissions, Retry, creds,
+    unwrapped_dek,
 };
 use crate::crypto::{DEK_LEN, Dek, random_bytes};
 
@@ -36,7 +36,7 @@ const PROVIDER: &str = "AWS KMS";
 pub const CONTEXT_KEY: &str = "earfs:keyring";
 
 /// The AWS permissions earfs needs, with the operation that uses each.
-pub const PERMISSIONS: [(&str, &str); 5] = [
+const PERMISSIONS: Permissions = Permissions(&[
     ("kms:DescribeKey", "DescribeKey"),
     ("kms:ListAliases", "ListAliases"),
     (
@@ -45,11 +45,7 @@ pub const PERMISSIONS: [(&str, &str); 5] = [
     ),
     ("kms:Decrypt", "Decrypt"),
     ("kms:Encrypt", "Encrypt"),
-];
-
-fn permission_of(operation: &str) -> &'static str {
-    super::permission_for(&PERMISSIONS, operation)
-}
+]);
 
 /// A KMS key or alias ARN: `arn:<partition>:kms:<region>:<account>:key/<id>` or
 /// `…:alias/<name>`.
@@ -336,12 +332,12 @@ impl AwsProvider {
             .collect())
     }
 
-    fn generate_wrapped(&self, key: &str, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
+    fn generate_wrapped(&self, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
         let call = self.call("GenerateDataKeyWithoutPlaintext");
         let out = self.retry.run_on(&self.rt, &call, || async {
             self.client
                 .generate_data_key_without_plaintext()
-                .key_id(key)
+                .key_id(&self.key.arn)
                 .number_of_bytes(DEK_LEN as i32)
                 .set_encryption_context(Some(Self::context(keyring_id)))
                 .send()
@@ -386,13 +382,7 @@ impl AwsProvider {
             });
         };
         let pt = Zeroizing::new(pt.into_inner());
-        Dek::from_slice(&pt).map_err(|_| KmsError::Rejected {
-            call,
-            reason: format!(
-                "the key unwrapped to {} bytes, not a {DEK_LEN}-byte earfs data key",
-                pt.len()
-            ),
-        })
+        unwrapped_dek(call, &pt)
     }
 
     /// Encrypt a random probe under the keyring's context: proves kms:Encrypt (used
@@ -436,7 +426,7 @@ impl KeyProvider for AwsProvider {
     }
 
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError> {
-        let wrapped = self.generate_wrapped(&self.key.arn, keyring_id)?;
+        let wrapped = self.generate_wrapped(keyring_id)?;
         let dek = self.decrypt(&wrapped, keyring_id)?;
         self.encrypt_probe(keyring_id)?;
         Ok((dek, wrapped))
@@ -453,76 +443,54 @@ impl KeyProvider for AwsProvider {
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let mut out = Vec::new();
         let described = self.describe();
-        out.push(permission_check(
-            "kms:DescribeKey",
-            "DescribeKey",
-            &described,
-            |d| d.details.get(1).cloned().unwrap_or_default(),
-        ));
+        out.push(PERMISSIONS.check("DescribeKey", &described, |d| {
+            d.details.get(1).cloned().unwrap_or_default()
+        }));
         let key_id = described
             .as_ref()
             .map(|d| d.key.clone())
             .unwrap_or_else(|_| self.key.arn.clone());
         let aliases = self.aliases(&key_id);
-        out.push(permission_check(
-            "kms:ListAliases",
-            "ListAliases",
-            &aliases,
-            |a| {
-                if a.is_empty() {
-                    "no aliases".into()
-                } else {
-                    a.join(", ")
-                }
-            },
-        ));
-        let generated = self.generate_wrapped(&self.key.arn, keyring_id);
-        out.push(permission_check(
-            "kms:GenerateDataKeyWithoutPlaintext",
-            "GenerateDataKeyWithoutPlaintext",
-            &generated,
-            |b| format!("{DEK_LEN}-byte data key wrapped ({} bytes)", b.len()),
-        ));
-        let encrypted = self.encrypt_probe(keyring_id);
-        let (blob, what) = match (wrapped, &generated, &encrypted) {
-            (Some(w), _, _) => (Some(w.to_vec()), "the volume's current data key"),
-            (None, Ok(g), _) => (Some(g.clone()), "a fresh data key"),
-            (None, Err(_), Ok(e)) => (Some(e.clone()), "a probe"),
-            _ => (None, ""),
-        };
-        match blob {
-            Some(b) => {
-                let is_probe = wrapped.is_none() && generated.is_err();
-                let decrypted = if is_probe {
-                    self.decrypt(&b, keyring_id)
-                        .map(|_| ())
-                        .or_else(|e| match e {
-                            // A 32-byte probe is not a data key: the call itself succeeded.
-                            KmsError::Rejected { .. } => Ok(()),
-                            other => Err(other),
-                        })
-                } else {
-                    self.decrypt(&b, keyring_id).map(|_| ())
-                };
-                out.push(permission_check(
-                    "kms:Decrypt",
-                    "Decrypt",
-                    &decrypted,
-                    |_| format!("unwrapped {what}"),
-                ));
+        out.push(PERMISSIONS.check("ListAliases", &aliases, |a| {
+            if a.is_empty() {
+                "no aliases".into()
+            } else {
+                a.join(", ")
             }
-            None => out.push(not_tried(
-                "kms:Decrypt",
+        }));
+        let generated = self.generate_wrapped(keyring_id);
+        out.push(
+            PERMISSIONS.check("GenerateDataKeyWithoutPlaintext", &generated, |b| {
+                format!("{DEK_LEN}-byte data key wrapped ({} bytes)", b.len())
+            }),
+        );
+        let encrypted = self.encrypt_probe(keyring_id);
+        // What to decrypt: the volume's key, else the fresh one, else the probe.
+        let target = match (wrapped, &generated, &encrypted) {
+            (Some(w), _, _) => Some((w, "the volume's current data key", false)),
+            (None, Ok(g), _) => Some((&g[..], "a fresh data key", false)),
+            (None, Err(_), Ok(e)) => Some((&e[..], "a probe", true)),
+            _ => None,
+        };
+        match target {
+            Some((blob, what, is_probe)) => {
+                let decrypted = self.decrypt(blob, keyring_id).map(|_| ()).or_else(|e| {
+                    match e {
+                        // A 32-byte probe is not a data key: the call itself succeeded.
+                        KmsError::Rejected { .. } if is_probe => Ok(()),
+                        other => Err(other),
+                    }
+                });
+                out.push(PERMISSIONS.check("Decrypt", &decrypted, |_| format!("unwrapped {what}")));
+            }
+            None => out.push(PERMISSIONS.not_tried(
                 "Decrypt",
                 "no ciphertext to decrypt (GenerateDataKeyWithoutPlaintext and Encrypt failed)",
             )),
         }
-        out.push(permission_check(
-            "kms:Encrypt",
-            "Encrypt",
-            &encrypted,
-            |_| "encrypted a 32-byte probe".into(),
-        ));
+        out.push(PERMISSIONS.check("Encrypt", &encrypted, |_| {
+            "encrypted a 32-byte probe".into()
+        }));
         out
     }
 }
@@ -591,7 +559,7 @@ where
     match code.as_str() {
         "AccessDeniedException" | "AccessDenied" | "403" => KmsError::AccessDenied {
             call: call.clone(),
-            permission: permission_of(call.operation),
+            permission: PERMISSIONS.of(call.operation),
             reason,
         },
         "UnrecognizedClientException"

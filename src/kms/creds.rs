@@ -13,14 +13,20 @@ pub(super) fn check_private_file(path: &Path) -> Result<(), KmsError> {
             path.display()
         ))
     })?;
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KmsError::CredentialsInsecure {
+    match loose_mode(&meta) {
+        Some(mode) => Err(KmsError::CredentialsInsecure {
             path: path.to_path_buf(),
             mode,
-        });
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The file's mode if group or others may read, write or run it (a secret's file
+/// must be its owner's alone, as ssh requires of private keys).
+pub(super) fn loose_mode(meta: &std::fs::Metadata) -> Option<u32> {
+    let mode = meta.mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 /// Like [`check_private_file`], but a missing file is fine (it is only one of several

@@ -25,15 +25,15 @@ use zeroize::Zeroizing;
 
 use super::retry::runtime;
 use super::{
-    KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Retry, creds, not_tried,
-    permission_check,
+    KeyDescription, KeyProvider, KmsCall, KmsError, PermissionCheck, Permissions, Retry, creds,
+    unwrapped_dek,
 };
 use crate::crypto::{DEK_LEN, Dek};
 
 const PROVIDER: &str = "Google Cloud KMS";
 
 /// The Cloud KMS permissions earfs needs, with the method that uses each.
-pub const PERMISSIONS: [(&str, &str); 5] = [
+const PERMISSIONS: Permissions = Permissions(&[
     ("cloudkms.keyRings.get", "keyRings.get"),
     ("cloudkms.cryptoKeys.get", "cryptoKeys.get"),
     (
@@ -48,11 +48,7 @@ pub const PERMISSIONS: [(&str, &str); 5] = [
         "cloudkms.cryptoKeyVersions.useToDecrypt",
         "cryptoKeys.decrypt",
     ),
-];
-
-fn permission_of(operation: &str) -> &'static str {
-    super::permission_for(&PERMISSIONS, operation)
-}
+]);
 
 /// A key resource id: `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,13 +346,7 @@ impl GcpProvider {
         })?;
         let pt = take_secret(out.plaintext);
         check_crc(&call, "plaintext", &pt, out.plaintext_crc32c)?;
-        Dek::from_slice(&pt).map_err(|_| KmsError::Rejected {
-            call,
-            reason: format!(
-                "the key unwrapped to {} bytes, not a {DEK_LEN}-byte earfs data key",
-                pt.len()
-            ),
-        })
+        unwrapped_dek(call, &pt)
     }
 }
 
@@ -426,26 +416,19 @@ impl KeyProvider for GcpProvider {
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let mut out = Vec::new();
         let ring = self.get_key_ring();
-        out.push(permission_check(
-            "cloudkms.keyRings.get",
-            "keyRings.get",
-            &ring,
-            |r| format!("key ring {}", r.rsplit('/').next().unwrap_or("")),
-        ));
+        out.push(PERMISSIONS.check("keyRings.get", &ring, |r| {
+            format!("key ring {}", r.rsplit('/').next().unwrap_or(""))
+        }));
         let key = self.get_crypto_key();
-        out.push(permission_check(
-            "cloudkms.cryptoKeys.get",
-            "cryptoKeys.get",
-            &key,
-            |d| d.details.first().cloned().unwrap_or_default(),
-        ));
+        out.push(PERMISSIONS.check("cryptoKeys.get", &key, |d| {
+            d.details.first().cloned().unwrap_or_default()
+        }));
         let random = self.random_bytes();
-        out.push(permission_check(
-            "cloudkms.locations.generateRandomBytes",
-            "locations.generateRandomBytes",
-            &random,
-            |_| format!("{DEK_LEN} bytes from the HSM, CRC32C ok"),
-        ));
+        out.push(
+            PERMISSIONS.check("locations.generateRandomBytes", &random, |_| {
+                format!("{DEK_LEN} bytes from the HSM, CRC32C ok")
+            }),
+        );
         // Encrypt a fresh key (or, if the RNG call failed, a probe of our own).
         let fresh = match &random {
             Ok(d) => Zeroizing::new(d.expose().to_vec()),
@@ -455,12 +438,9 @@ impl KeyProvider for GcpProvider {
             },
         };
         let encrypted = self.encrypt(&fresh, keyring_id);
-        out.push(permission_check(
-            "cloudkms.cryptoKeyVersions.useToEncrypt",
-            "cryptoKeys.encrypt",
-            &encrypted,
-            |c| format!("wrapped a data key ({} bytes), CRC32C ok", c.len()),
-        ));
+        out.push(PERMISSIONS.check("cryptoKeys.encrypt", &encrypted, |c| {
+            format!("wrapped a data key ({} bytes), CRC32C ok", c.len())
+        }));
         let target = match (wrapped, &encrypted) {
             (Some(w), _) => Some((w.to_vec(), "the volume's current data key")),
             (None, Ok(c)) => Some((c.clone(), "a fresh data key")),
@@ -469,15 +449,11 @@ impl KeyProvider for GcpProvider {
         match target {
             Some((blob, what)) => {
                 let decrypted = self.decrypt(&blob, keyring_id);
-                out.push(permission_check(
-                    "cloudkms.cryptoKeyVersions.useToDecrypt",
-                    "cryptoKeys.decrypt",
-                    &decrypted,
-                    |_| format!("unwrapped {what}, CRC32C ok"),
-                ));
+                out.push(PERMISSIONS.check("cryptoKeys.decrypt", &decrypted, |_| {
+                    format!("unwrapped {what}, CRC32C ok")
+                }));
             }
-            None => out.push(not_tried(
-                "cloudkms.cryptoKeyVersions.useToDecrypt",
+            None => out.push(PERMISSIONS.not_tried(
                 "cryptoKeys.decrypt",
                 "no ciphertext to decrypt (encrypt failed)",
             )),
@@ -506,7 +482,7 @@ fn classify(call: &KmsCall, err: GaxError) -> KmsError {
         return match status.code {
             Code::PermissionDenied => KmsError::AccessDenied {
                 call: call.clone(),
-                permission: permission_of(call.operation),
+                permission: PERMISSIONS.of(call.operation),
                 reason,
             },
             Code::Unauthenticated => KmsError::Credentials(format!(
@@ -545,7 +521,7 @@ fn classify(call: &KmsCall, err: GaxError) -> KmsError {
         )),
         Some(403) => KmsError::AccessDenied {
             call: call.clone(),
-            permission: permission_of(call.operation),
+            permission: PERMISSIONS.of(call.operation),
             reason: err.to_string(),
         },
         _ => KmsError::Rejected {

@@ -6,14 +6,14 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
-use super::{KeyDescription, KeyProvider, KmsError, PermissionCheck, permission_check};
+use super::{KeyDescription, KeyProvider, KmsError, PermissionCheck, Permissions, creds};
 use crate::crypto::{Dek, random_bytes};
 
 const KEY_LEN: usize = 32;
@@ -62,8 +62,7 @@ impl LocalProvider {
     /// Open a key file, refusing one that group or others can access.
     pub fn open(path: &Path) -> Result<Self, KmsError> {
         let meta = fs::metadata(path).map_err(|e| io_err(path, e))?;
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = creds::loose_mode(&meta) {
             return Err(KmsError::KeyFileInsecure {
                 path: path.to_path_buf(),
                 mode,
@@ -87,6 +86,9 @@ impl LocalProvider {
         KmsError::WrongKey(format!("key file {}", self.path.display()))
     }
 }
+
+/// What kms-check tries: the key file itself is the permission.
+const PERMISSIONS: Permissions = Permissions(&[("key file", "wrap"), ("key file", "unwrap")]);
 
 impl KeyProvider for LocalProvider {
     fn validate(&self) -> Result<KeyDescription, KmsError> {
@@ -141,7 +143,7 @@ impl KeyProvider for LocalProvider {
 
     fn check(&self, keyring_id: &str, wrapped: Option<&[u8]>) -> Vec<PermissionCheck> {
         let generated = self.generate(keyring_id);
-        let mut out = vec![permission_check("key file", "wrap", &generated, |_| {
+        let mut out = vec![PERMISSIONS.check("wrap", &generated, |_| {
             format!("{} is private and wraps", self.path.display())
         })];
         let unwrapped = match (wrapped, &generated) {
@@ -151,9 +153,7 @@ impl KeyProvider for LocalProvider {
             (None, Ok((_, w))) => self.unwrap(w, keyring_id).map(|_| "a fresh data key"),
             (None, Err(e)) => Err(KmsError::WrongKey(e.to_string())),
         };
-        out.push(permission_check("key file", "unwrap", &unwrapped, |what| {
-            format!("unwrapped {what}")
-        }));
+        out.push(PERMISSIONS.check("unwrap", &unwrapped, |what| format!("unwrapped {what}")));
         out
     }
 }
@@ -192,7 +192,7 @@ use std::os::unix::fs::DirBuilderExt;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn wrap_unwrap_and_binding() {
@@ -215,6 +215,29 @@ mod tests {
             Err(KmsError::WrongKey(_))
         ));
         assert!(create_key_file(&p).is_err());
+    }
+
+    #[test]
+    fn check_reports_wrap_and_unwrap_of_the_key_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("key");
+        create_key_file(&p).unwrap();
+        let prov = LocalProvider::open(&p).unwrap();
+        let rows = |wrapped: Option<&[u8]>| {
+            prov.check("ring", wrapped)
+                .into_iter()
+                .map(|c| (c.permission, c.operation, c.ok))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            rows(None),
+            [("key file", "wrap", true), ("key file", "unwrap", true)]
+        );
+        let (_, w) = prov.generate("ring").unwrap();
+        assert_eq!(rows(Some(&w))[1], ("key file", "unwrap", true));
+        // A wrapped key of another keyring does not unwrap: that row fails.
+        let (_, other) = prov.generate("other ring").unwrap();
+        assert_eq!(rows(Some(&other))[1], ("key file", "unwrap", false));
     }
 
     #[test]

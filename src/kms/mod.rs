@@ -21,12 +21,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{CryptoError, Dek};
+use crate::crypto::{CryptoError, DEK_LEN, Dek};
 
 pub use aws::{AwsKeyArn, AwsProvider};
 pub use gcp::{GcpKeyResource, GcpProvider};
 pub use local::{LocalProvider, create_key_file};
-pub use retry::Retry;
+pub use retry::{DEFAULT_DEADLINE, Retry};
 
 /// Where a volume's data keys are wrapped; stored in `earfs.conf`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,40 +370,57 @@ impl KmsError {
     }
 }
 
-/// The permission an operation needs, from a provider's (permission, operation) table.
-fn permission_for(table: &[(&'static str, &'static str)], operation: &str) -> &'static str {
-    table
-        .iter()
-        .find(|(_, op)| *op == operation)
-        .map(|(p, _)| *p)
-        .unwrap_or("the permission for this call")
-}
+/// A provider's permissions, each with the call that exercises it: the one place a
+/// permission's name is written, for kms-check rows and for denial messages alike.
+pub(crate) struct Permissions(pub &'static [(&'static str, &'static str)]);
 
-/// A permission check from the outcome of the call that exercised it.
-fn permission_check<T>(
-    permission: &'static str,
-    operation: &'static str,
-    outcome: &Result<T, KmsError>,
-    ok_detail: impl FnOnce(&T) -> String,
-) -> PermissionCheck {
-    let (ok, detail) = match outcome {
-        Ok(v) => (true, ok_detail(v)),
-        Err(e) => (false, e.reason()),
-    };
-    PermissionCheck {
-        permission,
-        operation,
-        ok,
-        detail,
+impl Permissions {
+    /// The permission `operation` needs.
+    fn of(&self, operation: &str) -> &'static str {
+        self.0
+            .iter()
+            .find(|(_, op)| *op == operation)
+            .map(|(p, _)| *p)
+            .unwrap_or("the permission for this call")
+    }
+
+    /// The check of `operation`'s permission, from the outcome of the call itself.
+    fn check<T>(
+        &self,
+        operation: &'static str,
+        outcome: &Result<T, KmsError>,
+        ok_detail: impl FnOnce(&T) -> String,
+    ) -> PermissionCheck {
+        let (ok, detail) = match outcome {
+            Ok(v) => (true, ok_detail(v)),
+            Err(e) => (false, e.reason()),
+        };
+        PermissionCheck {
+            permission: self.of(operation),
+            operation,
+            ok,
+            detail,
+        }
+    }
+
+    /// `operation`'s permission could not be tried because an earlier call failed.
+    fn not_tried(&self, operation: &'static str, why: &str) -> PermissionCheck {
+        PermissionCheck {
+            permission: self.of(operation),
+            operation,
+            ok: false,
+            detail: format!("not tried: {why}"),
+        }
     }
 }
 
-/// A permission that could not be tried because an earlier call failed.
-fn not_tried(permission: &'static str, operation: &'static str, why: &str) -> PermissionCheck {
-    PermissionCheck {
-        permission,
-        operation,
-        ok: false,
-        detail: format!("not tried: {why}"),
-    }
+/// The data key a KMS unwrapped, which must be exactly [`DEK_LEN`] bytes.
+fn unwrapped_dek(call: KmsCall, plaintext: &[u8]) -> Result<Dek, KmsError> {
+    Dek::from_slice(plaintext).map_err(|_| KmsError::Rejected {
+        call,
+        reason: format!(
+            "the key unwrapped to {} bytes, not a {DEK_LEN}-byte earfs data key",
+            plaintext.len()
+        ),
+    })
 }

@@ -18,10 +18,13 @@ pub struct Retry {
 const BASE_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The total deadline of a KMS call when none is configured.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+
 impl Default for Retry {
     fn default() -> Self {
         Retry {
-            deadline: Duration::from_secs(60),
+            deadline: DEFAULT_DEADLINE,
             attempt_timeout: Duration::from_secs(10),
         }
     }
