@@ -100,6 +100,15 @@ fn check_json(args: &[&str]) -> (i32, Value) {
     )
 }
 
+/// The permissions a kms-check JSON report marks failed.
+fn failed_checks(v: &Value) -> Vec<String> {
+    check_results(v)
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// The (permission → ok) pairs of a kms-check JSON report.
 fn check_results(v: &Value) -> Vec<(String, bool)> {
     v["checks"]
@@ -501,11 +510,7 @@ fn aws_missing_permissions_and_bad_credentials_are_named() {
     // kms-check names exactly the missing action, with the KMS's own reason.
     let (c, v) = check_json(&strs(&aws.flags_with(&arn, &no_aliases)));
     assert_eq!(c, 29, "{v}");
-    let failed: Vec<_> = check_results(&v)
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(p, _)| p)
-        .collect();
+    let failed = failed_checks(&v);
     assert_eq!(failed, ["kms:ListAliases"], "{v}");
     assert!(
         v.to_string()
@@ -547,11 +552,7 @@ fn aws_missing_permissions_and_bad_credentials_are_named() {
     assert_eq!(c, 0, "{v}");
     let (c, v) = check_json(&["--credentials", s(&no_decrypt), s(&b)]);
     assert_eq!(c, 29, "{v}");
-    let failed: Vec<_> = check_results(&v)
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(p, _)| p)
-        .collect();
+    let failed = failed_checks(&v);
     assert_eq!(failed, ["kms:Decrypt"], "{v}");
     let node = aws.dir.p("node");
     ok(&["init", "--join", s(&b.join("earfs.conf")), s(&node)]);
@@ -839,11 +840,7 @@ fn gcp_permissions_credentials_faults_and_crc() {
     g.permissions(&ALL_GCP[..4]);
     let (c, v) = check_json(&[s(&node)]);
     assert_eq!(c, 29, "{v}");
-    let failed: Vec<_> = check_results(&v)
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(p, _)| p)
-        .collect();
+    let failed = failed_checks(&v);
     assert_eq!(failed, ["cloudkms.cryptoKeyVersions.useToDecrypt"], "{v}");
     assert!(v.to_string().contains("PERMISSION_DENIED"), "{v}");
     let (c, _, err) = mount("10");
