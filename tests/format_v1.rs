@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use earfs::content::Keyring;
+use earfs::content::{FileFormat, Keyring};
 use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
 use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
 use earfs::volume::{self, VolumeConfig};
@@ -50,6 +50,7 @@ fn write_fixtures() {
             key_file: "/etc/earfs/fixture-v1.key".into(),
         },
         &prov,
+        1,
     )
     .unwrap();
     let fs = open(&backing, &cfg, &prov);
@@ -84,7 +85,13 @@ fn write_fixtures() {
 
 fn open(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> EarFs {
     let deks = cfg.unlock(backing, prov).unwrap();
-    EarFs::new(backing, Keyring::new(deks, cfg.keyring.current).unwrap()).unwrap()
+    let format = FileFormat::from_number(u64::from(cfg.format)).unwrap();
+    EarFs::new(
+        backing,
+        Keyring::new(deks, cfg.keyring.current).unwrap(),
+        format,
+    )
+    .unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

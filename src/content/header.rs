@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0..8    magic "EARFSHDR"
-//! 8..10   format version, u16 LE (1)
+//! 8..10   format version, u16 LE (1 or 2)
 //! 10..12  flags, u16 LE (0; any other value is refused)
 //! 12..16  key version, u32 LE
 //! 16..32  file nonce (16 random bytes)
@@ -14,12 +14,10 @@ use crate::crypto::{self, Nonce, derive_file_key, hmac_sha256, verify_hmac_sha25
 
 use super::codec::FileCipher;
 use super::keyring::Keyring;
-use super::layout::HEADER_LEN;
+use super::layout::{FileFormat, HEADER_LEN};
 
 /// Header magic.
 pub const MAGIC: [u8; 8] = *b"EARFSHDR";
-/// The only format this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
 const MAC_OFF: usize = 32;
 const MAC_END: usize = 64;
 
@@ -42,9 +40,10 @@ pub enum HeaderError {
     Crypto(#[from] crypto::CryptoError),
 }
 
-/// Encode a header for `key_version` and `nonce` under `keys`.
+/// Encode a header of `format` for `key_version` and `nonce` under `keys`.
 pub fn encode_header(
     keys: &Keyring,
+    format: FileFormat,
     key_version: u32,
     nonce: &Nonce,
 ) -> Result<Box<[u8; HEADER_LEN as usize]>, HeaderError> {
@@ -53,7 +52,7 @@ pub fn encode_header(
         .ok_or(HeaderError::UnknownKeyVersion(key_version))?;
     let mut h = Box::new([0u8; HEADER_LEN as usize]);
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&format.number().to_le_bytes());
     h[10..12].copy_from_slice(&0u16.to_le_bytes());
     h[12..16].copy_from_slice(&key_version.to_le_bytes());
     h[16..32].copy_from_slice(nonce);
@@ -62,21 +61,44 @@ pub fn encode_header(
     Ok(h)
 }
 
-/// A fresh header under the current key with a random nonce, and its cipher.
+/// A fresh header of `format` under the current key with a random nonce, and its cipher.
 pub fn new_header(
     keys: &Keyring,
+    format: FileFormat,
 ) -> Result<(Box<[u8; HEADER_LEN as usize]>, FileCipher), HeaderError> {
     let mut nonce = [0u8; 16];
     crypto::random_bytes(&mut nonce)?;
     let v = keys.current_version();
-    let h = encode_header(keys, v, &nonce)?;
-    let c = cipher_for(keys, v, &nonce)?;
+    let h = encode_header(keys, format, v, &nonce)?;
+    let c = cipher_for(keys, format, v, &nonce)?;
     Ok((h, c))
 }
 
-fn cipher_for(keys: &Keyring, v: u32, nonce: &Nonce) -> Result<FileCipher, HeaderError> {
+/// The header of an existing file (same key version and nonce) re-encoded in `format`,
+/// and its cipher: the upgrade of a v1 file whose ciphertext is already valid v2.
+pub fn reformat_header(
+    keys: &Keyring,
+    old: &FileCipher,
+    format: FileFormat,
+) -> Result<(Box<[u8; HEADER_LEN as usize]>, FileCipher), HeaderError> {
+    let h = encode_header(keys, format, old.key_version(), old.nonce())?;
+    let c = cipher_for(keys, format, old.key_version(), old.nonce())?;
+    Ok((h, c))
+}
+
+fn cipher_for(
+    keys: &Keyring,
+    format: FileFormat,
+    v: u32,
+    nonce: &Nonce,
+) -> Result<FileCipher, HeaderError> {
     let (dek, _) = keys.get(v).ok_or(HeaderError::UnknownKeyVersion(v))?;
-    Ok(FileCipher::new(v, &derive_file_key(dek, nonce)?))
+    Ok(FileCipher::new(
+        v,
+        format,
+        *nonce,
+        &derive_file_key(dek, nonce)?,
+    ))
 }
 
 /// Check a header read from disk and derive the file's cipher.
@@ -88,9 +110,9 @@ pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError
         return Err(HeaderError::BadMagic);
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    if version != FORMAT_VERSION {
+    let Some(format) = FileFormat::from_number(u64::from(version)) else {
         return Err(HeaderError::UnsupportedVersion(version));
-    }
+    };
     let flags = u16::from_le_bytes([h[10], h[11]]);
     if flags != 0 {
         return Err(HeaderError::UnknownFlags(flags));
@@ -102,7 +124,13 @@ pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError
     }
     let mut nonce = [0u8; 16];
     nonce.copy_from_slice(&h[16..32]);
-    cipher_for(keys, kv, &nonce)
+    cipher_for(keys, format, kv, &nonce)
+}
+
+/// Whether header bytes read from disk are all zero: the header block never reached
+/// the disk (a crash before the file's first sync), so no byte of the file is durable.
+pub fn header_never_written(h: &[u8]) -> bool {
+    h.len() >= MAC_END && h.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -121,8 +149,19 @@ mod tests {
     #[test]
     fn round_trip_and_tamper() {
         let k = ring();
-        let (h, c) = new_header(&k).unwrap();
+        let (h, c) = new_header(&k, FileFormat::V2).unwrap();
         assert_eq!(c.key_version(), 2);
+        assert_eq!(c.format(), FileFormat::V2);
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]), 2);
+        let (h1, c1) = reformat_header(&k, &c, FileFormat::V1).unwrap();
+        assert_eq!(decode_header(&k, &h1[..]).unwrap().format(), FileFormat::V1);
+        assert_eq!(c1.nonce(), c.nonce());
+        let mut three = h1.clone();
+        three[8] = 3;
+        assert_eq!(
+            decode_header(&k, &three[..]).unwrap_err(),
+            HeaderError::UnsupportedVersion(3)
+        );
         let c2 = decode_header(&k, &h[..]).unwrap();
         let mut a = vec![9u8; 4096];
         let mut b = a.clone();

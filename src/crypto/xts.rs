@@ -310,6 +310,33 @@ impl SectorCipher {
         }
     }
 
+    /// Encrypt whole 16-byte blocks of one sector in place: `data` starts at block
+    /// `first_block` of sector `sector_no` (block *j* uses the tweak `T·αʲ`), and its
+    /// length is a multiple of 16 that ends within the sector. Format v2 stores every
+    /// block this way: no ciphertext stealing, so a block decrypts the same whatever
+    /// the file's length. A trailing partial block, if any, is left untouched.
+    pub fn encrypt_blocks(&self, sector_no: u64, first_block: usize, data: &mut [u8]) {
+        self.blocks_at(Dir::Encrypt, sector_no, first_block, data);
+    }
+
+    /// Decrypt whole 16-byte blocks of one sector in place; inverse of
+    /// [`Self::encrypt_blocks`].
+    pub fn decrypt_blocks(&self, sector_no: u64, first_block: usize, data: &mut [u8]) {
+        self.blocks_at(Dir::Decrypt, sector_no, first_block, data);
+    }
+
+    fn blocks_at(&self, dir: Dir, sector_no: u64, first_block: usize, data: &mut [u8]) {
+        let whole = data.len() - data.len() % BLOCK;
+        if whole == 0 {
+            return;
+        }
+        let mut tweak = self.engine.tweak(sector_no);
+        for _ in 0..first_block {
+            tweak = mul_alpha(tweak);
+        }
+        self.engine.blocks(dir, tweak, &mut data[..whole]);
+    }
+
     fn sector(&self, dir: Dir, sector_no: u64, data: &mut [u8]) {
         let len = data.len();
         if len == 0 {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
-use crate::content::Keyring;
+use crate::content::{FileFormat, Keyring};
 use crate::fs::EarFs;
 use crate::fuse::{AdapterOptions, EarFuse, MountConfig};
 use crate::kms::{KmsError, KmsOverrides, Retry};
@@ -555,8 +555,14 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             "current key version missing from the keyring",
         )
     })?;
+    let format = FileFormat::from_number(u64::from(cfg.format)).ok_or_else(|| {
+        Failure::new(
+            exit::BAD_CONFIG,
+            format!("unknown volume format {}", cfg.format),
+        )
+    })?;
     let fs =
-        Arc::new(EarFs::new(&backing, keys).map_err(|e| {
+        Arc::new(EarFs::new(&backing, keys, format).map_err(|e| {
             Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display()))
         })?);
     let mcfg = MountConfig {

@@ -110,6 +110,7 @@ impl DirHandle {
         } else {
             rustix::fs::fsync(&self.fd)?;
         }
+        super::backing::synced_dir(&self.fd);
         Ok(())
     }
 }

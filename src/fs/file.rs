@@ -1,5 +1,11 @@
 //! File content over a backing file: read, write (with read-modify-write of partial
-//! sectors), truncate, fallocate and SEEK_DATA/SEEK_HOLE, in format v1.
+//! blocks), truncate, fallocate and SEEK_DATA/SEEK_HOLE, in format v2 and in v1.
+//!
+//! Each file carries its format in its header. New files (and files truncated to zero
+//! whose header is not of the volume's write format and current key) get the volume's
+//! write format; a v1 file whose size is a multiple of 16 has the same bytes as v2 and
+//! is switched to v2 (its header rewritten and synced) before a change that would
+//! leave it at another size. Other v1 files keep v1's rules.
 //!
 //! Every function here runs under the inode's content lock (`Inode::content`): shared
 //! for reads and seeks, exclusive for anything that changes bytes or size.
@@ -17,12 +23,13 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
 use crate::content::{
-    FileCipher, HEADER_LEN, Keyring, MIN_HOLE_LEN, SECTOR, SectorNo, SectorSpan,
-    backing_size_to_plain_size, decode_header, is_hole, new_header, plain_off_to_sector,
-    plain_size_to_backing_size, sector_len,
+    BLOCK, FileCipher, FileFormat, HEADER_LEN, Keyring, MIN_HOLE_LEN, SECTOR, SectorNo, SectorSpan,
+    backing_size_to_plain_size, decode_header, header_never_written, is_hole, new_header, pad16,
+    plain_off_to_sector, plain_size_to_backing_size, reformat_header, sector_len,
 };
 use crate::sys::AlignedBuf;
 
+use super::backing;
 use super::error::{FsError, FsResult};
 use super::stats::stats;
 
@@ -38,6 +45,11 @@ pub struct Content {
     cipher: Option<Arc<FileCipher>>,
     /// Plaintext size.
     size: u64,
+    /// The backing file is longer than 0 but its header block is all zero: the header
+    /// never reached the disk before a crash, so nothing in the file was durable. It
+    /// reads as zeros of `size` bytes; the first change clears the data and starts a
+    /// new header.
+    orphan: bool,
     /// Set once a corruption has been logged, so that it is logged once per inode.
     corrupt_logged: bool,
 }
@@ -58,6 +70,14 @@ impl Content {
     }
     pub fn size(&self) -> u64 {
         self.size
+    }
+    /// The file's format (`None` while it has no header).
+    pub fn format(&self) -> Option<FileFormat> {
+        self.cipher.as_ref().map(|c| c.format())
+    }
+    /// The file's key version (`None` while it has no header).
+    pub fn key_version(&self) -> Option<u32> {
+        self.cipher.as_ref().map(|c| c.key_version())
     }
 }
 
@@ -116,6 +136,8 @@ pub struct Io<'a> {
     pub keys: &'a VolumeKeys,
     /// The key epoch when the operation started.
     pub epoch: u64,
+    /// The format the volume writes new files in.
+    pub format: FileFormat,
     pub path: &'a dyn Fn() -> PathBuf,
 }
 
@@ -156,18 +178,25 @@ fn pread_full(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
     Ok(done)
 }
 
-/// pwrite all of `buf` or fail with the errno of the failing call.
-fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.write_at(&buf[done..], off + done as u64) {
-            Ok(0) => return Err(FsError::Os(Errno::NOSPC)),
-            Ok(n) => done += n,
+/// One O_DIRECT pread of an aligned range: a short read is the end of the file (a
+/// second read would start at an unaligned offset and fail with EINVAL).
+fn pread_direct(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
+    loop {
+        match f.read_at(buf, off) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+}
+
+/// pwrite all of `buf` or fail with the errno of the failing call.
+fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
+    backing::pwrite_all(f, buf, off)
+}
+
+fn set_len(f: &File, len: u64) -> FsResult<()> {
+    Ok(backing::ftruncate(f, len)?)
 }
 
 fn corrupt(c: &mut Content, io: &Io<'_>, reason: String) -> FsError {
@@ -199,23 +228,49 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     let (keys, epoch) = keys(io)?;
     let st = rustix::fs::fstat(io.file)?;
     let backing = st.st_size as u64;
-    let Some(size) = backing_size_to_plain_size(backing) else {
+    c.orphan = false;
+    let size = if backing == 0 {
+        c.cipher = None;
+        0
+    } else if backing < HEADER_LEN {
         return Err(corrupt(
             c,
             io,
             format!("backing file is {backing} bytes, shorter than the {HEADER_LEN}-byte header"),
         ));
-    };
-    if backing == 0 {
-        c.cipher = None;
     } else {
         let mut h = [0u8; HEADER_LEN as usize];
         let n = pread_full(io.file, &mut h, 0)?;
-        match decode_header(&keys, &h[..n]) {
-            Ok(cipher) => c.cipher = Some(Arc::new(cipher)),
-            Err(e) => return Err(corrupt(c, io, e.to_string())),
+        let format = if header_never_written(&h[..n]) {
+            c.orphan = true;
+            c.cipher = None;
+            io.format
+        } else {
+            match decode_header(&keys, &h[..n]) {
+                Ok(cipher) => {
+                    let f = cipher.format();
+                    c.cipher = Some(Arc::new(cipher));
+                    f
+                }
+                Err(e) => return Err(corrupt(c, io, e.to_string())),
+            }
+        };
+        match backing_size_to_plain_size(format, backing)
+            .or_else(|| c.orphan.then(|| backing - HEADER_LEN))
+        {
+            Some(s) => s,
+            None => {
+                c.cipher = None;
+                return Err(corrupt(
+                    c,
+                    io,
+                    format!(
+                        "backing length {backing} is not a length of a v2 file (1 to 15 bytes past the header)"
+                    ),
+                ));
+            }
         }
-    }
+    };
     // Keys locked or replaced while we loaded (checked under the content lock, which
     // the lock takes for every file after the epoch changed): keep no cipher of old keys.
     if io.keys.epoch() != epoch {
@@ -228,18 +283,55 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     Ok(())
 }
 
-/// Give an empty backing file its header (a fresh nonce under the current key).
+fn header_error(io: &Io<'_>, e: crate::content::HeaderError) -> FsError {
+    FsError::Corrupt {
+        path: (io.path)(),
+        reason: e.to_string(),
+    }
+}
+
+/// Write a header: through the O_DIRECT descriptor when the handle has one, so that it
+/// reaches the disk no later than data written through that descriptor.
+fn write_header(io: &Io<'_>, h: &[u8]) -> FsResult<()> {
+    match io.direct {
+        Some(d) => match pwrite_all(d, h, 0) {
+            Err(FsError::Os(Errno::INVAL)) => pwrite_all(io.file, h, 0),
+            r => r,
+        },
+        None => pwrite_all(io.file, h, 0),
+    }
+}
+
+/// Give a file without a header its header (a fresh nonce under the current key, in the
+/// volume's write format). An orphan (a header that never reached the disk) first has
+/// its data cleared and synced, so that no ciphertext under the lost nonce can ever be
+/// read under the new one; it keeps its size, as zeros.
 fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
     if let Some(cipher) = &c.cipher {
         return Ok(cipher.clone());
     }
-    let (h, cipher) = new_header(&keys(io)?.0).map_err(|e| FsError::Corrupt {
-        path: (io.path)(),
-        reason: e.to_string(),
-    })?;
-    if let Err(e) = pwrite_all(io.file, &h[..], 0) {
+    let (h, cipher) = new_header(&keys(io)?.0, io.format).map_err(|e| header_error(io, e))?;
+    if c.orphan {
+        let len = rustix::fs::fstat(io.file)?.st_size as u64;
+        clear_range(io.file, HEADER_LEN, len)?;
+        backing::fdatasync(io.file)?;
+        write_header(io, &h[..])?;
+        let want = plain_size_to_backing_size(cipher.format(), c.size);
+        if want != len {
+            set_len(io.file, want)?;
+        }
+        let cipher = Arc::new(cipher);
+        if cipher.format() == FileFormat::V1 {
+            // v1: a tail shorter than 16 bytes is never a hole; store encrypted zeros.
+            reencode_sector(io, &cipher, plain_off_to_sector(c.size), 0, c.size)?;
+        }
+        c.cipher = Some(cipher.clone());
+        c.orphan = false;
+        return Ok(cipher);
+    }
+    if let Err(e) = write_header(io, &h[..]) {
         // Leave the file empty, as it was.
-        let _ = rustix::fs::ftruncate(io.file, 0);
+        let _ = set_len(io.file, 0);
         return Err(e);
     }
     let cipher = Arc::new(cipher);
@@ -248,24 +340,73 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
     Ok(cipher)
 }
 
+/// Before a change that leaves a v1 file at a size that is not a multiple of 16 in a
+/// volume that writes v2: a v1 file whose size is a multiple of 16 is stored exactly as
+/// v2 would store it, so rewrite its header as v2 (same key version and nonce) and sync
+/// it first. Other v1 files keep v1.
+fn upgrade_if_aligned(c: &mut Content, io: &Io<'_>, new_size: u64) -> FsResult<()> {
+    let Some(cipher) = &c.cipher else {
+        return Ok(());
+    };
+    if cipher.format() != FileFormat::V1
+        || io.format != FileFormat::V2
+        || !c.size.is_multiple_of(BLOCK)
+        || new_size.is_multiple_of(BLOCK)
+    {
+        return Ok(());
+    }
+    let (h, v2) =
+        reformat_header(&keys(io)?.0, cipher, FileFormat::V2).map_err(|e| header_error(io, e))?;
+    write_header(io, &h[..])?;
+    backing::fdatasync(io.file)?;
+    c.cipher = Some(Arc::new(v2));
+    Ok(())
+}
+
+/// Zero backing bytes `[from, to)`: punch a hole, or write zeros where the backing
+/// filesystem cannot punch.
+fn clear_range(f: &File, from: u64, to: u64) -> FsResult<()> {
+    if to <= from {
+        return Ok(());
+    }
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match backing::fallocate(f, flags, from, to - from) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP | Errno::NOSYS) => zero_fill(f, from, to),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Read plaintext `[off, off + len)` (cropped at end of file) and hand it to `out`.
 pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8])) -> FsResult<()> {
     let size = c.size;
-    let (Some(cipher), true) = (c.cipher.as_ref(), off < size) else {
+    if off >= size {
         out(&[]);
         return Ok(());
-    };
+    }
     let end = off.saturating_add(u64::from(len)).min(size);
+    let Some(cipher) = c.cipher.as_ref() else {
+        // An orphan: nothing of it was durable; it reads as zeros.
+        return with_buf((end - off) as usize, |buf| {
+            buf.fill(0);
+            out(buf);
+            Ok(())
+        });
+    };
     let Some(span) = SectorSpan::covering(off, end - off) else {
         out(&[]);
         return Ok(());
     };
+    let v2 = cipher.format() == FileFormat::V2;
     let span_len = (span.count() * SECTOR) as usize;
-    let want = (span.end.plain_start().min(size) - span.plain_start()) as usize;
+    let data_end = span.end.plain_start().min(size);
+    // v2 stores the last block padded to 16 bytes.
+    let stored_end = if v2 { pad16(data_end) } else { data_end };
+    let want = (stored_end - span.plain_start()) as usize;
     with_buf(span_len, |buf| {
         let aligned = off.is_multiple_of(SECTOR) && u64::from(len) % SECTOR == 0;
         let n = match (io.direct, aligned) {
-            (Some(d), true) => pread_full(d, buf, span.first.backing_offset())?,
+            (Some(d), true) => pread_direct(d, buf, span.first.backing_offset())?,
             _ => pread_full(io.file, &mut buf[..want], span.first.backing_offset())?,
         };
         if n < want {
@@ -275,7 +416,11 @@ pub fn read(c: &Content, io: &Io<'_>, off: u64, len: u32, out: impl FnOnce(&[u8]
             });
         }
         let buf = &mut buf[..want];
-        cipher.decrypt(span.first, buf);
+        if v2 {
+            cipher.decrypt_blocks(span.plain_start(), buf);
+        } else {
+            cipher.decrypt(span.first, buf);
+        }
         stats().decrypted(buf.len());
         let from = (off - span.plain_start()) as usize;
         let to = (end - span.plain_start()) as usize;
@@ -380,7 +525,7 @@ fn undo(io: &Io<'_>, tail: Option<(u64, Vec<u8>)>, backing_size: Option<u64>) {
         let _ = pwrite_all(io.file, &raw, off);
     }
     if let Some(sz) = backing_size {
-        let _ = rustix::fs::ftruncate(io.file, sz);
+        let _ = set_len(io.file, sz);
     }
 }
 
@@ -390,7 +535,7 @@ fn reserve(io: &Io<'_>, from: u64, to: u64) -> FsResult<()> {
     if to <= from {
         return Ok(());
     }
-    match rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, from, to - from) {
+    match backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, from, to - from) {
         Ok(()) => Ok(()),
         Err(Errno::OPNOTSUPP | Errno::NOSYS) => Ok(()),
         Err(e) => Err(e.into()),
@@ -401,15 +546,146 @@ fn reserve(io: &Io<'_>, from: u64, to: u64) -> FsResult<()> {
 /// On failure the file is left as it was (size, bytes outside the write, and the tail).
 pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<usize> {
     let len = data.len() as u64;
+    if len == 0 {
+        return Ok(0);
+    }
+    let end = off.checked_add(len).ok_or(FsError::Os(Errno::FBIG))?;
+    upgrade_if_aligned(c, io, c.size.max(end))?;
+    let had_header = c.cipher.is_some();
+    let cipher = ensure_header(c, io)?;
+    match cipher.format() {
+        FileFormat::V2 => write_v2(c, io, &cipher, had_header, off, data),
+        FileFormat::V1 => write_v1(c, io, &cipher, had_header, off, data),
+    }
+}
+
+/// The old stored bytes of a backing range, to put back if an operation fails.
+type Undo = Option<(u64, Vec<u8>)>;
+
+/// Save backing `[from, to)` for an undo.
+fn save(io: &Io<'_>, from: u64, to: u64) -> FsResult<Undo> {
+    if to <= from {
+        return Ok(None);
+    }
+    let mut raw = vec![0u8; (to - from) as usize];
+    let n = pread_full(io.file, &mut raw, from)?;
+    raw.truncate(n);
+    Ok(Some((from, raw)))
+}
+
+/// Read and decrypt the v2 block that starts at plaintext `at` (a multiple of 16).
+fn read_block_v2(io: &Io<'_>, cipher: &FileCipher, at: u64) -> FsResult<[u8; 16]> {
+    let mut b = [0u8; 16];
+    let n = pread_full(io.file, &mut b, HEADER_LEN + at)?;
+    if n < b.len() {
+        return Err(FsError::Corrupt {
+            path: (io.path)(),
+            reason: format!("block at {at} is {} bytes short", b.len() - n),
+        });
+    }
+    cipher.decrypt_blocks(at, &mut b);
+    stats().decrypted(16);
+    Ok(b)
+}
+
+/// v2 write: the 16-byte blocks that `[off, end)` touches are encrypted and written
+/// with one pwrite; a partly covered first or last block that holds file data is read
+/// and merged. When the write ends the file, the zero marker bytes that code the size
+/// follow in the same pwrite. No byte outside the touched blocks changes, and a touched
+/// block decrypts the same whatever the backing length: a crash keeps every durable byte.
+fn write_v2(
+    c: &mut Content,
+    io: &Io<'_>,
+    cipher: &FileCipher,
+    had_header: bool,
+    off: u64,
+    data: &[u8],
+) -> FsResult<usize> {
+    let end = off + data.len() as u64;
+    let old = c.size;
+    let new_size = old.max(end);
+    let b0 = off - off % BLOCK;
+    let b1 = pad16(end);
+    let markers = if end == new_size { end % BLOCK } else { 0 };
+    let blocks_len = (b1 - b0) as usize;
+    let buf_len = blocks_len + markers as usize;
+    let at = HEADER_LEN + b0;
+    let old_backing = plain_size_to_backing_size(FileFormat::V2, old);
+    let grows = at + buf_len as u64 > old_backing;
+    // The old last block and its markers, if this write rewrites them: restored on failure
+    // so that the bytes past the old size stay zero.
+    let tail_undo = if !old.is_multiple_of(BLOCK) && b1 > old - old % BLOCK {
+        save(io, HEADER_LEN + old - old % BLOCK, old_backing)?
+    } else {
+        None
+    };
+    let rollback_size = if !had_header {
+        Some(0)
+    } else {
+        grows.then_some(old_backing)
+    };
+    let fail = |c: &mut Content, e: FsError, undo_tail: Undo| {
+        undo(io, undo_tail, rollback_size);
+        if !had_header {
+            c.cipher = None;
+        }
+        e
+    };
+    if grows && let Err(e) = reserve(io, old_backing.max(at), at + buf_len as u64) {
+        return Err(fail(c, e, None));
+    }
+    let res = with_buf(buf_len, |buf| {
+        let from = (off - b0) as usize;
+        let to = from + data.len();
+        buf[..from].fill(0);
+        buf[to..].fill(0);
+        // Partly covered edge blocks that hold file data are merged.
+        let first_partial = !off.is_multiple_of(BLOCK) && b0 < old;
+        let last_at = b1 - BLOCK;
+        let last_partial = !end.is_multiple_of(BLOCK) && end < old;
+        if first_partial {
+            let blk = read_block_v2(io, cipher, b0)?;
+            buf[..16].copy_from_slice(&blk);
+        }
+        if last_partial && !(first_partial && last_at == b0) {
+            let blk = read_block_v2(io, cipher, last_at)?;
+            let i = (last_at - b0) as usize;
+            buf[i..i + 16].copy_from_slice(&blk);
+        }
+        buf[from..to].copy_from_slice(data);
+        cipher.encrypt_blocks(b0, &mut buf[..blocks_len]);
+        stats().encrypted(blocks_len);
+        let direct_ok = at.is_multiple_of(SECTOR) && (buf_len as u64).is_multiple_of(SECTOR);
+        match (io.direct, direct_ok) {
+            (Some(d), true) => pwrite_all(d, buf, at),
+            _ => pwrite_all(io.file, buf, at),
+        }
+    });
+    if let Err(e) = res {
+        return Err(fail(c, e, tail_undo));
+    }
+    c.size = new_size;
+    Ok(data.len())
+}
+
+/// v1 write: whole sectors, the short last sector re-encrypted at its new length.
+fn write_v1(
+    c: &mut Content,
+    io: &Io<'_>,
+    cipher: &Arc<FileCipher>,
+    had_header: bool,
+    off: u64,
+    data: &[u8],
+) -> FsResult<usize> {
+    let len = data.len() as u64;
     let Some(span) = SectorSpan::covering(off, len) else {
         return Ok(0);
     };
-    let end = off.checked_add(len).ok_or(FsError::Os(Errno::FBIG))?;
-    let had_header = c.cipher.is_some();
-    let cipher = ensure_header(c, io)?;
+    let end = off + len;
+    let cipher = cipher.clone();
     let old = c.size;
     let new_size = old.max(end);
-    let old_backing = plain_size_to_backing_size(old);
+    let old_backing = plain_size_to_backing_size(FileFormat::V1, old);
     let buf_len = (span.end.plain_start().min(new_size) - span.plain_start()) as usize;
     let new_backing_end = span.first.backing_offset() + buf_len as u64;
     let grows = new_backing_end > old_backing;
@@ -431,8 +707,12 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
         }
         return Err(e);
     }
-    // Growing past a short last sector: re-encrypt it at its new length first.
+    // Growing past a short last sector: re-encrypt it at its new length first. When the
+    // write itself rewrites that sector, keep its old bytes to put back on failure.
     let mut tail_undo = None;
+    if end > old && !old.is_multiple_of(SECTOR) && plain_off_to_sector(old) >= span.first {
+        tail_undo = save(io, plain_off_to_sector(old).backing_offset(), old_backing)?;
+    }
     if end > old && !old.is_multiple_of(SECTOR) {
         let t = plain_off_to_sector(old);
         if t < span.first {
@@ -484,28 +764,115 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
     Ok(data.len())
 }
 
-/// Set the plaintext size to `new`, zero-extending or cutting.
+/// Whether a file's header is the one a new file would get now (the volume's write
+/// format and the current key version).
+fn header_is_current(cipher: &FileCipher, io: &Io<'_>) -> FsResult<bool> {
+    Ok(cipher.format() == io.format && cipher.key_version() == keys(io)?.0.current_version())
+}
+
+/// Set the plaintext size to `new`, zero-extending or cutting. On failure the file is
+/// left as it was.
 pub fn truncate(c: &mut Content, io: &Io<'_>, new: u64) -> FsResult<()> {
     if new == 0 {
-        // An empty file has no header; the next write starts it under a fresh nonce.
-        rustix::fs::ftruncate(io.file, 0)?;
-        c.cipher = None;
-        c.size = 0;
+        return truncate_to_zero(c, io);
+    }
+    if new == c.size && c.cipher.is_some() {
         return Ok(());
     }
+    upgrade_if_aligned(c, io, new)?;
     let had_header = c.cipher.is_some();
     let cipher = ensure_header(c, io)?;
-    let old = c.size;
-    let tail = reencode_edges(io, &cipher, old, new)?;
-    if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(new)) {
-        undo(io, tail, (!had_header).then_some(0));
+    let res = match cipher.format() {
+        FileFormat::V2 => truncate_v2(c, io, &cipher, new),
+        FileFormat::V1 => truncate_v1(c, io, &cipher, new),
+    };
+    if let Err(e) = res {
         if !had_header {
+            let _ = set_len(io.file, 0);
             c.cipher = None;
+            c.size = 0;
         }
-        return Err(e.into());
+        return Err(e);
     }
     c.size = new;
     Ok(())
+}
+
+/// Truncate to zero. A header of the volume's write format and current key version is
+/// kept (the file is its header alone), so that a crash before the next sync leaves
+/// each block old or new, never ciphertext under another nonce. Any other header is
+/// removed and the removal synced before the next write starts a new header.
+fn truncate_to_zero(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
+    if let Some(cipher) = &c.cipher
+        && header_is_current(cipher, io)?
+    {
+        set_len(io.file, HEADER_LEN)?;
+        c.size = 0;
+        return Ok(());
+    }
+    set_len(io.file, 0)?;
+    if c.cipher.is_some() || c.orphan {
+        backing::fdatasync(io.file)?;
+    }
+    c.cipher = None;
+    c.orphan = false;
+    c.size = 0;
+    Ok(())
+}
+
+/// v2 truncate. Up: only the length changes (the old last block's padding and markers
+/// are zero already). Down: the block that holds the new end is rewritten with its tail
+/// zeroed, the file is cut at the end of that block, then lengthened by the marker bytes
+/// (so they are zeros, never old ciphertext).
+fn truncate_v2(c: &mut Content, io: &Io<'_>, cipher: &FileCipher, new: u64) -> FsResult<()> {
+    let old = c.size;
+    let new_backing = plain_size_to_backing_size(FileFormat::V2, new);
+    if new > old {
+        return set_len(io.file, new_backing);
+    }
+    let mut tail = None;
+    let cut = new - new % BLOCK;
+    if !new.is_multiple_of(BLOCK) {
+        tail = save(io, HEADER_LEN + cut, HEADER_LEN + cut + BLOCK)?;
+        let mut blk = read_block_v2(io, cipher, cut)?;
+        blk[(new % BLOCK) as usize..].fill(0);
+        cipher.encrypt_blocks(cut, &mut blk);
+        stats().encrypted(16);
+        pwrite_all(io.file, &blk, HEADER_LEN + cut)?;
+    }
+    if let Err(e) = set_len(io.file, HEADER_LEN + pad16(new)) {
+        undo(io, tail, None);
+        return Err(e);
+    }
+    if new_backing != HEADER_LEN + pad16(new) {
+        set_len(io.file, new_backing)?;
+    }
+    Ok(())
+}
+
+/// v1 truncate: the backing file grows first (so a failure such as EFBIG changes
+/// nothing), then the short tail sectors are re-encoded; every step is undone on failure.
+fn truncate_v1(c: &mut Content, io: &Io<'_>, cipher: &FileCipher, new: u64) -> FsResult<()> {
+    let old = c.size;
+    let old_backing = plain_size_to_backing_size(FileFormat::V1, old);
+    let new_backing = plain_size_to_backing_size(FileFormat::V1, new);
+    if new > old {
+        set_len(io.file, new_backing)?;
+        match reencode_edges(io, cipher, old, new) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = set_len(io.file, old_backing);
+                Err(e)
+            }
+        }
+    } else {
+        let tail = reencode_edges(io, cipher, old, new)?;
+        if let Err(e) = set_len(io.file, new_backing) {
+            undo(io, tail, None);
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
@@ -527,27 +894,26 @@ pub fn fallocate(c: &mut Content, io: &Io<'_>, off: u64, len: u64, mode: i32) ->
         return punch(c, io, off, end);
     }
     let boff = off + HEADER_LEN;
+    // v2 stores the block that holds the end padded to 16 bytes.
+    let reserve_len = pad16(end) - off;
     if mode & KEEP_SIZE != 0 || end <= c.size {
-        rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, len)?;
+        backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len)?;
         return Ok(());
     }
-    // Mode 0 past the end: reserve, re-encrypt a short tail, then set the new size.
-    let had_header = c.cipher.is_some();
-    let cipher = ensure_header(c, io)?;
-    if let Err(e) = rustix::fs::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, len) {
-        if !had_header {
-            undo(io, None, Some(0));
-            c.cipher = None;
-        }
+    // Mode 0 past the end: reserve, then set the new size (as a truncate up does).
+    if c.cipher.is_some() {
+        backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len)?;
+        return truncate(c, io, end);
+    }
+    truncate(c, io, end)?;
+    if let Err(e) = backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len) {
+        // The file had no header: leave it empty, as it was.
+        let _ = set_len(io.file, 0);
+        c.cipher = None;
+        c.orphan = false;
+        c.size = 0;
         return Err(e.into());
     }
-    let old = c.size;
-    let tail = reencode_edges(io, &cipher, old, end)?;
-    if let Err(e) = rustix::fs::ftruncate(io.file, plain_size_to_backing_size(end)) {
-        undo(io, tail, None);
-        return Err(e.into());
-    }
-    c.size = end;
     Ok(())
 }
 
@@ -560,6 +926,9 @@ fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
     };
     if off >= size {
         return Ok(());
+    }
+    if cipher.format() == FileFormat::V2 {
+        return punch_v2(io, &cipher, size, off, end.min(size));
     }
     let end = end.min(size);
     let Some(span) = SectorSpan::covering(off, end - off) else {
@@ -598,10 +967,10 @@ fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
     if full_from < full_to {
         let from = full_from;
         let a = from.backing_offset();
-        let b = plain_size_to_backing_size(full_to.plain_start().min(size));
+        let b = plain_size_to_backing_size(FileFormat::V1, full_to.plain_start().min(size));
         if b > a {
             let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-            match rustix::fs::fallocate(io.file, flags, a, b - a) {
+            match backing::fallocate(io.file, flags, a, b - a) {
                 Ok(()) => {}
                 // No hole punching in the backing filesystem: zero ciphertext reads as zeros too.
                 Err(Errno::OPNOTSUPP | Errno::NOSYS) => zero_fill(io.file, a, b)?,
@@ -610,6 +979,37 @@ fn punch(c: &mut Content, io: &Io<'_>, off: u64, end: u64) -> FsResult<()> {
         }
     }
     Ok(())
+}
+
+/// v2 punch of plaintext `[off, end)`, `end <= size`: a partly covered block is
+/// rewritten with the range zeroed; whole blocks (and the last block, padding included,
+/// when the range reaches the end of the file) are stored as zeros.
+fn punch_v2(io: &Io<'_>, cipher: &FileCipher, size: u64, off: u64, end: u64) -> FsResult<()> {
+    let zero_part = |at: u64, a: u64, b: u64| -> FsResult<()> {
+        let mut blk = read_block_v2(io, cipher, at)?;
+        blk[(a - at) as usize..(b - at) as usize].fill(0);
+        cipher.encrypt_blocks(at, &mut blk);
+        stats().encrypted(16);
+        pwrite_all(io.file, &blk, HEADER_LEN + at)
+    };
+    let whole_end = if end == size { pad16(size) } else { end };
+    let first = off - off % BLOCK;
+    let last = whole_end - whole_end % BLOCK;
+    if first == last && !off.is_multiple_of(BLOCK) {
+        // Inside one block.
+        return zero_part(first, off, whole_end);
+    }
+    let mut from = off;
+    if !off.is_multiple_of(BLOCK) {
+        zero_part(first, off, first + BLOCK)?;
+        from = first + BLOCK;
+    }
+    let mut to = whole_end;
+    if !whole_end.is_multiple_of(BLOCK) {
+        zero_part(last, last, whole_end)?;
+        to = last;
+    }
+    clear_range(io.file, HEADER_LEN + from, HEADER_LEN + to)
 }
 
 fn zero_fill(f: &File, from: u64, to: u64) -> FsResult<()> {
@@ -661,9 +1061,14 @@ mod tests {
         _dir: tempfile::TempDir,
         file: File,
         keys: VolumeKeys,
+        format: FileFormat,
     }
 
     fn fixture() -> Fixture {
+        fixture_in(FileFormat::V2)
+    }
+
+    fn fixture_in(format: FileFormat) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -677,12 +1082,17 @@ mod tests {
             _dir: dir,
             file,
             keys,
+            format,
         }
     }
 
     /// A fixture and the loaded content state of its (empty) file.
     fn loaded() -> (Fixture, Content) {
-        let fx = fixture();
+        loaded_in(FileFormat::V2)
+    }
+
+    fn loaded_in(format: FileFormat) -> (Fixture, Content) {
+        let fx = fixture_in(format);
         let mut c = Content::default();
         load(&mut c, &fx.io()).unwrap();
         (fx, c)
@@ -699,6 +1109,7 @@ mod tests {
                 direct: None,
                 keys: &self.keys,
                 epoch: self.keys.epoch(),
+                format: self.format,
                 path: &no_path,
             }
         }
@@ -714,17 +1125,31 @@ mod tests {
 
     #[test]
     fn truncate_matrix_across_sector_boundaries() {
-        let sizes = [0u64, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 8192, 8193];
+        for format in FileFormat::ALL {
+            truncate_matrix(format);
+        }
+    }
+
+    fn truncate_matrix(format: FileFormat) {
+        let sizes = [
+            0u64, 1, 15, 16, 17, 31, 33, 4095, 4096, 4097, 8191, 8192, 8193,
+        ];
         for &from in &sizes {
             for &to in &sizes {
-                let (fx, mut c) = loaded();
+                let (fx, mut c) = loaded_in(format);
                 let data: Vec<u8> = (0..from).map(|i| (i % 251) as u8 + 1).collect();
                 write(&mut c, &fx.io(), 0, &data).unwrap();
                 truncate(&mut c, &fx.io(), to).unwrap();
                 let mut want = data.clone();
                 want.resize(to as usize, 0);
-                assert_eq!(fx.read_all(&c), want, "{from} -> {to}");
-                assert_eq!(fx.backing_len(), if to == 0 { 0 } else { to + HEADER_LEN });
+                assert_eq!(fx.read_all(&c), want, "{format:?} {from} -> {to}");
+                // Truncating to zero keeps a current header: the file is its header alone.
+                let want_len = match (from, to) {
+                    (0, 0) => 0,
+                    (_, 0) => HEADER_LEN,
+                    _ => plain_size_to_backing_size(format, to),
+                };
+                assert_eq!(fx.backing_len(), want_len, "{format:?} {from} -> {to}");
                 // A fresh load from disk agrees.
                 let mut c2 = Content::default();
                 load(&mut c2, &fx.io()).unwrap();
@@ -736,8 +1161,14 @@ mod tests {
 
     #[test]
     fn random_operations_match_a_model() {
+        for format in FileFormat::ALL {
+            random_operations(format);
+        }
+    }
+
+    fn random_operations(format: FileFormat) {
         for seed in 0..8u64 {
-            let (fx, mut c) = loaded();
+            let (fx, mut c) = loaded_in(format);
             let mut model: Vec<u8> = Vec::new();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for step in 0..300 {
@@ -782,7 +1213,11 @@ mod tests {
                         read(&c, &fx.io(), off, len, |d| got.extend_from_slice(d)).unwrap();
                         let a = (off as usize).min(model.len());
                         let b = (off as usize + len as usize).min(model.len());
-                        assert_eq!(got, model[a..b], "seed {seed} step {step} read {off}+{len}");
+                        assert_eq!(
+                            got,
+                            model[a..b],
+                            "{format:?} seed {seed} step {step} read {off}+{len}"
+                        );
                     }
                 }
                 assert_eq!(c.size(), model.len() as u64, "seed {seed} step {step}");
@@ -807,6 +1242,7 @@ mod tests {
 
     #[test]
     fn short_tails_are_never_stored_as_holes() {
+        let loaded = || loaded_in(FileFormat::V1);
         for (from, to) in [
             (0u64, 4u64),
             (4096, 4100),

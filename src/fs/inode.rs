@@ -3,6 +3,9 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::content::FileFormat;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -53,6 +56,20 @@ pub struct Inode {
     /// The file's cipher and plaintext size. Readers share; writes, truncates and
     /// fallocate hold it exclusively (the content lock of DESIGN.md's data path).
     pub content: RwLock<Content>,
+    /// The file's format number once read from its header (0: not yet), for the size
+    /// of a file that is not loaded.
+    format_hint: AtomicU8,
+}
+
+impl Inode {
+    /// The format read from the header earlier, if any.
+    pub fn format_hint(&self) -> Option<FileFormat> {
+        FileFormat::from_number(u64::from(self.format_hint.load(Ordering::Relaxed)))
+    }
+    /// Keep the format read from the header.
+    pub fn set_format_hint(&self, f: FileFormat) {
+        self.format_hint.store(f.number() as u8, Ordering::Relaxed);
+    }
 }
 
 /// Node id → inode and its kernel lookup count. The node id is derived from the
@@ -72,6 +89,7 @@ impl InodeTable {
             fd: root_fd,
             kind: FileKind::Dir,
             content: RwLock::new(Content::default()),
+            format_hint: AtomicU8::new(0),
         });
         let mut by_id = HashMap::new();
         by_id.insert(ROOT_ID, (root, 1));
@@ -123,6 +141,7 @@ impl InodeTable {
             fd,
             kind,
             content: RwLock::new(Content::default()),
+            format_hint: AtomicU8::new(0),
         });
         t.insert(id, (inode.clone(), 1));
         Ok(inode)

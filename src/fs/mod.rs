@@ -2,6 +2,7 @@
 //! content locks, and every operation a database uses. No fuser, no KMS: the FUSE
 //! adapter (src/fuse) calls these methods and replies.
 
+pub mod backing;
 mod dir;
 mod error;
 mod file;
@@ -15,14 +16,16 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps};
 use rustix::io::Errno;
 
-use crate::content::{HEADER_LEN, Keyring, backing_size_to_plain_size};
+use crate::content::{
+    FileFormat, HEADER_LEN, Keyring, MAGIC, backing_size_to_plain_size, size_is_format_independent,
+};
 use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME};
 
 pub use dir::DirEntry;
@@ -109,6 +112,8 @@ pub struct EarFs {
     /// Open directories by handle number. The lock guards the map only.
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// Whether new files are written in format v2 (else v1); switched by an upgrade.
+    writes_v2: AtomicBool,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> String {
@@ -156,8 +161,8 @@ fn timespec(t: Option<SetTime>) -> Timespec {
 }
 
 impl EarFs {
-    /// Serve `backing` with `keys`.
-    pub fn new(backing: &Path, keys: Keyring) -> FsResult<EarFs> {
+    /// Serve `backing` with `keys`, writing new files in `format`.
+    pub fn new(backing: &Path, keys: Keyring, format: FileFormat) -> FsResult<EarFs> {
         let fd = rustix::fs::open(
             backing,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -171,7 +176,57 @@ impl EarFs {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            writes_v2: AtomicBool::new(format == FileFormat::V2),
         })
+    }
+
+    /// The format new files are written in.
+    pub fn write_format(&self) -> FileFormat {
+        if self.writes_v2.load(Ordering::Relaxed) {
+            FileFormat::V2
+        } else {
+            FileFormat::V1
+        }
+    }
+
+    /// Switch the format new files are written in (an upgrade of a running volume).
+    pub fn set_write_format(&self, format: FileFormat) {
+        self.writes_v2
+            .store(format == FileFormat::V2, Ordering::Relaxed);
+    }
+
+    /// The format of a file that is not loaded, for its size. Only a length that is not
+    /// a multiple of 16 past the header means different sizes in v1 and v2; then the
+    /// format is read from the file's header once and kept with the inode (a volume
+    /// may hold files of both formats: upgraded, or a v1 file copied in).
+    fn format_for_size(&self, inode: &Inode, backing_len: u64) -> FileFormat {
+        if size_is_format_independent(backing_len) {
+            return FileFormat::V2;
+        }
+        if let Some(f) = inode.format_hint() {
+            return f;
+        }
+        let fallback = self.write_format();
+        let Ok(fd) = rustix::fs::open(
+            proc_path(&inode.fd).as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return fallback;
+        };
+        let mut h = [0u8; 10];
+        match rustix::io::pread(&fd, &mut h, 0) {
+            Ok(10) if h[..8] == MAGIC => {
+                match FileFormat::from_number(u64::from(u16::from_le_bytes([h[8], h[9]]))) {
+                    Some(f) => {
+                        inode.set_format_hint(f);
+                        f
+                    }
+                    None => fallback,
+                }
+            }
+            _ => fallback,
+        }
     }
 
     fn is_reserved(parent: u64, name: &OsStr) -> bool {
@@ -180,23 +235,20 @@ impl EarFs {
                 || name.as_bytes() == CONFIG_TMP_NAME.as_bytes())
     }
 
-    /// While a file's content is loaded its size is ours: a backing size seen in the
-    /// middle of a write or truncate never shows.
-    fn cached_size(inode: &Inode, attr: &mut Attr) {
-        if inode.kind == FileKind::File
-            && let Some(c) = inode.content.try_read()
-            && c.size_known()
-        {
-            attr.size = c.size();
-        }
-    }
-
-    fn attr_of(&self, key_st: &Stat) -> Attr {
+    /// Attributes from a backing stat. The size of a file is decoded from its backing
+    /// length with its format (`inode`; without it, the caller puts the loaded size in).
+    fn attr_of(&self, key_st: &Stat, inode: Option<&Inode>) -> Attr {
         let kind = FileKind::from_mode(key_st.st_mode);
         let mut size = key_st.st_size as u64;
         let mut blocks = key_st.st_blocks as u64;
         if kind == FileKind::File {
-            size = backing_size_to_plain_size(size).unwrap_or(0);
+            let format = match inode {
+                Some(i) => self.format_for_size(i, size),
+                None => FileFormat::V2,
+            };
+            size = backing_size_to_plain_size(format, size)
+                .or_else(|| backing_size_to_plain_size(FileFormat::V1, size))
+                .unwrap_or(0);
             blocks = blocks.saturating_sub(HEADER_LEN / 512);
         }
         Attr {
@@ -217,9 +269,26 @@ impl EarFs {
     }
 
     fn stat_inode(&self, inode: &Inode) -> FsResult<Attr> {
-        let st = rustix::fs::fstat(&inode.fd)?;
-        let mut attr = self.attr_of(&st);
-        Self::cached_size(inode, &mut attr);
+        self.stat_with(inode, None)
+    }
+
+    /// Attributes of `inode`, from `st` if the caller has just taken it. The content
+    /// lock (shared) keeps a write or truncate from running between the stat and the
+    /// size we report, so a size in the middle of one never shows.
+    fn stat_with(&self, inode: &Inode, st: Option<Stat>) -> FsResult<Attr> {
+        let content = (inode.kind == FileKind::File).then(|| inode.content.read());
+        let st = match st {
+            Some(st) => st,
+            None => rustix::fs::fstat(&inode.fd)?,
+        };
+        let loaded = content.as_ref().is_some_and(|c| c.size_known());
+        let mut attr = self.attr_of(&st, (!loaded).then_some(inode));
+        if let Some(c) = content.filter(|c| c.size_known()) {
+            attr.size = c.size();
+            if let Some(f) = c.format() {
+                inode.set_format_hint(f);
+            }
+        }
         Ok(attr)
     }
 
@@ -238,8 +307,7 @@ impl EarFs {
         let st = rustix::fs::fstat(&fd)?;
         let kind = FileKind::from_mode(st.st_mode);
         let inode = self.inodes.remember((st.st_dev, st.st_ino), fd, kind)?;
-        let mut attr = self.attr_of(&st);
-        Self::cached_size(&inode, &mut attr);
+        let attr = self.stat_with(&inode, Some(st))?;
         Ok((inode, attr))
     }
 
@@ -255,6 +323,7 @@ impl EarFs {
             direct,
             keys: &self.keys,
             epoch: self.keys.epoch(),
+            format: self.write_format(),
             path,
         }
     }
@@ -442,6 +511,7 @@ impl EarFs {
                 rustix::fs::mknodat(&p.fd, name, ft, perm, u64::from(rdev))?;
             }
         }
+        backing::created(&p.fd, name);
         self.finish_create(&p, name, who, mode)
     }
 
@@ -463,6 +533,7 @@ impl EarFs {
         Self::check_new_name(parent, name)?;
         let p = self.inodes.get(parent)?;
         rustix::fs::mkdirat(&p.fd, name, Mode::from_raw_mode(mode & 0o7777))?;
+        backing::created(&p.fd, name);
         self.finish_create(&p, name, who, libc::S_IFDIR | (mode & 0o7777))
     }
 
@@ -471,6 +542,7 @@ impl EarFs {
         Self::check_new_name(parent, name)?;
         let p = self.inodes.get(parent)?;
         rustix::fs::symlinkat(target, &p.fd, name)?;
+        backing::created(&p.fd, name);
         self.finish_create(&p, name, who, libc::S_IFLNK | 0o777)
     }
 
@@ -486,7 +558,9 @@ impl EarFs {
             return Err(FsError::Os(Errno::NOENT));
         }
         let p = self.inodes.get(parent)?;
-        Ok(rustix::fs::unlinkat(&p.fd, name, AtFlags::empty())?)
+        rustix::fs::unlinkat(&p.fd, name, AtFlags::empty())?;
+        backing::unlinked(&p.fd, name);
+        Ok(())
     }
 
     /// Remove an empty directory.
@@ -495,7 +569,9 @@ impl EarFs {
             return Err(FsError::Os(Errno::NOENT));
         }
         let p = self.inodes.get(parent)?;
-        Ok(rustix::fs::unlinkat(&p.fd, name, AtFlags::REMOVEDIR)?)
+        rustix::fs::unlinkat(&p.fd, name, AtFlags::REMOVEDIR)?;
+        backing::unlinked(&p.fd, name);
+        Ok(())
     }
 
     /// Rename, with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT flags.
@@ -517,9 +593,9 @@ impl EarFs {
         };
         let p = self.inodes.get(parent)?;
         let np = self.inodes.get(newparent)?;
-        Ok(rustix::fs::renameat_with(
-            &p.fd, name, &np.fd, newname, flags,
-        )?)
+        rustix::fs::renameat_with(&p.fd, name, &np.fd, newname, flags)?;
+        backing::renamed(&p.fd, name, &np.fd, newname, flags.bits());
+        Ok(())
     }
 
     /// Make a hard link to `ino` (the header travels with the content).
@@ -528,6 +604,7 @@ impl EarFs {
         let inode = self.inodes.get(ino)?;
         let np = self.inodes.get(newparent)?;
         rustix::fs::linkat(&inode.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH)?;
+        backing::created(&np.fd, newname);
         Ok(self.lookup_inode(&np, newname)?.1)
     }
 
@@ -628,6 +705,7 @@ impl EarFs {
         ) {
             Ok(fd) => {
                 drop(fd);
+                backing::created(&p.fd, name);
                 true
             }
             Err(Errno::EXIST) if flags & libc::O_EXCL == 0 => false,
@@ -711,9 +789,9 @@ impl EarFs {
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.handle(fh)?;
         if datasync {
-            rustix::fs::fdatasync(&h.file)?;
+            backing::fdatasync(&h.file)?;
         } else {
-            rustix::fs::fsync(&h.file)?;
+            backing::fsync(&h.file)?;
         }
         Ok(())
     }
@@ -894,7 +972,7 @@ mod tests {
     fn locked_keys_fail_file_io_and_unlocking_restores_it() {
         let d = tempfile::tempdir().unwrap();
         let dek = Dek::generate().unwrap();
-        let fs = EarFs::new(d.path(), keyring(&dek)).unwrap();
+        let fs = EarFs::new(d.path(), keyring(&dek), FileFormat::V2).unwrap();
         let who = Caller { uid: 0, gid: 0 };
         let (attr, fh) = fs
             .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)

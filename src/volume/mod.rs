@@ -19,8 +19,13 @@ pub const CONFIG_NAME: &str = "earfs.conf";
 pub const CONFIG_TMP_NAME: &str = ".earfs.conf.tmp";
 /// Cipher name stored in the config.
 pub const CIPHER: &str = "aes-256-xts";
-/// Config format this build reads and writes.
-pub const CONFIG_FORMAT: u32 = 1;
+/// The file formats this build reads and writes; `format` in `earfs.conf` names the one
+/// the volume writes new files in (docs/file-format.md).
+pub const FORMATS: [u32; 2] = [1, 2];
+/// The format of new volumes.
+pub const NEW_VOLUME_FORMAT: u32 = 2;
+/// Format of an exported keyring file.
+const KEYRING_EXPORT_FORMAT: u32 = 1;
 /// Sector size stored in the config.
 pub const SECTOR_SIZE: u32 = 4096;
 
@@ -136,8 +141,13 @@ impl VolumeConfig {
             reason,
         };
         let cfg: VolumeConfig = toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
-        if cfg.format != CONFIG_FORMAT {
-            return Err(bad(format!("unsupported format {}", cfg.format)));
+        if !FORMATS.contains(&cfg.format) {
+            return Err(bad(format!(
+                "the volume is in format {}, which this earfs {} does not know (it knows formats {:?}); install the earfs that created the volume, or a newer one",
+                cfg.format,
+                env!("CARGO_PKG_VERSION"),
+                FORMATS
+            )));
         }
         if cfg.cipher != CIPHER {
             return Err(bad(format!("unsupported cipher {:?}", cfg.cipher)));
@@ -253,10 +263,11 @@ fn write_new(
     spec: ProviderSpec,
     keyring: StoredKeyring,
     current: &Dek,
+    format: u32,
 ) -> Result<VolumeConfig, VolumeError> {
     prepare_dir(backing)?;
     let mut cfg = VolumeConfig {
-        format: CONFIG_FORMAT,
+        format,
         volume_id: uuid::Uuid::new_v4().to_string(),
         cipher: CIPHER.to_string(),
         sector_size: SECTOR_SIZE,
@@ -270,13 +281,21 @@ fn write_new(
 }
 
 /// Create a new volume in `backing` (created if missing; must be empty otherwise)
-/// with one data key made by `provider`. Returns the saved config.
+/// with one data key made by `provider`, writing files in `format` (one of
+/// [`FORMATS`]). Returns the saved config.
 pub fn create(
     backing: &Path,
     spec: ProviderSpec,
     provider: &dyn KeyProvider,
+    format: u32,
 ) -> Result<VolumeConfig, VolumeError> {
     check_new(backing)?;
+    if !FORMATS.contains(&format) {
+        return Err(VolumeError::BadConfig {
+            path: config_path(backing),
+            reason: format!("unknown format {format} (known: {FORMATS:?})"),
+        });
+    }
     let keyring_id = uuid::Uuid::new_v4().to_string();
     let (dek, wrapped) = provider.generate(&keyring_id)?;
     // Prove the round trip before anything is written.
@@ -292,7 +311,7 @@ pub fn create(
             wrapped: B64.encode(&wrapped),
         }],
     };
-    write_new(backing, spec, keyring, &dek)
+    write_new(backing, spec, keyring, &dek, format)
 }
 
 /// Kind marker of an exported keyring file.
@@ -324,7 +343,7 @@ impl KeyringExport {
     pub fn of(cfg: &VolumeConfig, current: &Dek) -> KeyringExport {
         let mut e = KeyringExport {
             kind: KEYRING_EXPORT_KIND.to_string(),
-            format: CONFIG_FORMAT,
+            format: KEYRING_EXPORT_FORMAT,
             exported_from: cfg.volume_id.clone(),
             kms: cfg.kms.clone(),
             keyring: cfg.keyring.clone(),
@@ -363,7 +382,7 @@ impl JoinSource {
         let src = if value.get("kind").and_then(|k| k.as_str()) == Some(KEYRING_EXPORT_KIND) {
             let e: KeyringExport =
                 toml::from_str(&text).map_err(|e| bad(e.message().to_string()))?;
-            if e.format != CONFIG_FORMAT {
+            if e.format != KEYRING_EXPORT_FORMAT {
                 return Err(bad(format!("unsupported format {}", e.format)));
             }
             JoinSource::Export(e)
@@ -457,7 +476,7 @@ pub fn join(
     if !source.verify(current) {
         return Err(VolumeError::ConfigMac(join_file.to_path_buf()));
     }
-    write_new(backing, spec, ring.clone(), current)
+    write_new(backing, spec, ring.clone(), current, NEW_VOLUME_FORMAT)
 }
 
 #[cfg(test)]
@@ -475,9 +494,9 @@ mod tests {
             key_file: key.clone(),
         };
         let backing = d.path().join("vol");
-        let cfg = create(&backing, spec.clone(), &prov).unwrap();
+        let cfg = create(&backing, spec.clone(), &prov, NEW_VOLUME_FORMAT).unwrap();
         assert!(matches!(
-            create(&backing, spec.clone(), &prov),
+            create(&backing, spec.clone(), &prov, NEW_VOLUME_FORMAT),
             Err(VolumeError::AlreadyAVolume(_))
         ));
         let loaded = VolumeConfig::load(&backing).unwrap();
@@ -509,7 +528,7 @@ mod tests {
         ));
         fs::write(other.join("x"), b"x").unwrap();
         assert!(matches!(
-            create(&other, spec, &prov),
+            create(&other, spec, &prov, NEW_VOLUME_FORMAT),
             Err(VolumeError::NotEmpty(_))
         ));
     }
@@ -522,7 +541,7 @@ mod tests {
         let prov = LocalProvider::open(&key).unwrap();
         let spec = ProviderSpec::Local { key_file: key };
         let first = d.path().join("first");
-        let cfg = create(&first, spec.clone(), &prov).unwrap();
+        let cfg = create(&first, spec.clone(), &prov, NEW_VOLUME_FORMAT).unwrap();
         let deks = cfg.unlock(&first, &prov).unwrap();
         let export = d.path().join("ring.toml");
         let text = KeyringExport::of(&cfg, current_of(&deks, 1).unwrap()).to_text();

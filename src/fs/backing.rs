@@ -1,0 +1,195 @@
+//! The calls that change backing files and directories. Every such call of the `fs`
+//! layer goes through here, so that a test can record them: the crash-state explorer
+//! (`tests/crash.rs`) rebuilds from a recording the states a power cut can leave.
+//!
+//! A recorder is set per thread and only by tests; the daemon never sets one, and
+//! then each call costs one thread-local flag check.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
+
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
+
+use super::error::{FsError, FsResult};
+
+/// One backing call that succeeded (a pwrite may be recorded in several parts).
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// `pwrite(fd, data, off)`.
+    Write {
+        fd: BorrowedFd<'a>,
+        off: u64,
+        data: &'a [u8],
+    },
+    /// `ftruncate(fd, len)`.
+    SetLen { fd: BorrowedFd<'a>, len: u64 },
+    /// `fallocate(fd, mode, off, len)`; with `PUNCH_HOLE` the range reads as zeros.
+    Fallocate {
+        fd: BorrowedFd<'a>,
+        mode: FallocateFlags,
+        off: u64,
+        len: u64,
+    },
+    /// `fsync` (`data_only == false`) or `fdatasync` of a file.
+    Sync { fd: BorrowedFd<'a>, data_only: bool },
+    /// A name was created in a directory (a new file, directory, node or link).
+    Create {
+        dir: BorrowedFd<'a>,
+        name: &'a OsStr,
+    },
+    /// `renameat2(from_dir, from, to_dir, to, flags)`.
+    Rename {
+        from_dir: BorrowedFd<'a>,
+        from: &'a OsStr,
+        to_dir: BorrowedFd<'a>,
+        to: &'a OsStr,
+        flags: u32,
+    },
+    /// A name was removed from a directory.
+    Unlink {
+        dir: BorrowedFd<'a>,
+        name: &'a OsStr,
+    },
+    /// `fsync` of a directory.
+    SyncDir { dir: BorrowedFd<'a> },
+}
+
+/// Receives every backing call of this thread after it succeeded.
+pub trait Recorder {
+    fn record(&self, op: &Op<'_>);
+}
+
+thread_local! {
+    static ON: Cell<bool> = const { Cell::new(false) };
+    static RECORDER: RefCell<Option<Rc<dyn Recorder>>> = const { RefCell::new(None) };
+}
+
+/// Record this thread's backing calls with `r` (`None`: stop recording). For tests.
+pub fn set_thread_recorder(r: Option<Rc<dyn Recorder>>) {
+    ON.with(|on| on.set(r.is_some()));
+    RECORDER.with(|cell| *cell.borrow_mut() = r);
+}
+
+#[inline]
+pub(super) fn note(make: impl FnOnce(&dyn Recorder)) {
+    if ON.with(|on| on.get()) {
+        RECORDER.with(|cell| {
+            if let Some(r) = cell.borrow().as_ref() {
+                make(r.as_ref());
+            }
+        });
+    }
+}
+
+/// pwrite all of `buf` or fail with the errno of the failing call.
+pub(super) fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.write_at(&buf[done..], off + done as u64) {
+            Ok(0) => return Err(FsError::Os(Errno::NOSPC)),
+            Ok(n) => {
+                note(|r| {
+                    r.record(&Op::Write {
+                        fd: f.as_fd(),
+                        off: off + done as u64,
+                        data: &buf[done..done + n],
+                    })
+                });
+                done += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn ftruncate(f: &File, len: u64) -> Result<(), Errno> {
+    rustix::fs::ftruncate(f, len)?;
+    note(|r| r.record(&Op::SetLen { fd: f.as_fd(), len }));
+    Ok(())
+}
+
+pub(super) fn fallocate(f: &File, mode: FallocateFlags, off: u64, len: u64) -> Result<(), Errno> {
+    rustix::fs::fallocate(f, mode, off, len)?;
+    note(|r| {
+        r.record(&Op::Fallocate {
+            fd: f.as_fd(),
+            mode,
+            off,
+            len,
+        })
+    });
+    Ok(())
+}
+
+pub(super) fn fsync(f: &File) -> Result<(), Errno> {
+    rustix::fs::fsync(f)?;
+    note(|r| {
+        r.record(&Op::Sync {
+            fd: f.as_fd(),
+            data_only: false,
+        })
+    });
+    Ok(())
+}
+
+pub(super) fn fdatasync(f: &File) -> Result<(), Errno> {
+    rustix::fs::fdatasync(f)?;
+    note(|r| {
+        r.record(&Op::Sync {
+            fd: f.as_fd(),
+            data_only: true,
+        })
+    });
+    Ok(())
+}
+
+/// Record that `name` was created in `dir` (the call itself was made by the caller).
+pub(super) fn created(dir: &impl AsFd, name: &OsStr) {
+    note(|r| {
+        r.record(&Op::Create {
+            dir: dir.as_fd(),
+            name,
+        })
+    });
+}
+
+/// Record that `name` was removed from `dir`.
+pub(super) fn unlinked(dir: &impl AsFd, name: &OsStr) {
+    note(|r| {
+        r.record(&Op::Unlink {
+            dir: dir.as_fd(),
+            name,
+        })
+    });
+}
+
+/// Record a rename.
+pub(super) fn renamed(
+    from_dir: &impl AsFd,
+    from: &OsStr,
+    to_dir: &impl AsFd,
+    to: &OsStr,
+    flags: u32,
+) {
+    note(|r| {
+        r.record(&Op::Rename {
+            from_dir: from_dir.as_fd(),
+            from,
+            to_dir: to_dir.as_fd(),
+            to,
+            flags,
+        })
+    });
+}
+
+/// Record an fsync of a directory.
+pub(super) fn synced_dir(dir: &impl AsFd) {
+    note(|r| r.record(&Op::SyncDir { dir: dir.as_fd() }));
+}
