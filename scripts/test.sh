@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the test dependencies and runs every test tier:
 #   1. static checks: cargo fmt, clippy, the layering check;
-#   2. unit and fs/ tests without a mount, and the format-v1 fixtures;
+#   2. unit and fs/ tests without a mount, the format-v1 and format-v2 fixtures, and the
+#      crash-state explorer (tests/crash.rs: every state a power cut can leave, v2 must
+#      keep every synced byte, v1's window must be found);
 #   3. real-mount tests of every operation (tests/mount.rs), on the local key provider
 #      and again on AWS KMS (moto) and Google Cloud KMS (our REST fake); the KMS
 #      providers end to end with faults (tests/kms.rs); the daemon as systemd runs it:
@@ -38,6 +40,9 @@ python3 tests/fakes/test_gcp_kms_fake.py
 
 step "unit, fs, KMS and real-mount tests"
 cargo test --release -- --test-threads=4
+
+step "real-mount tests again on a format-v1 volume (v1 files keep their rules)"
+EARFS_TEST_FORMAT=1 cargo test --release --test mount -- --test-threads=4
 
 step "real-mount tests again with the FUSE writeback cache"
 EARFS_TEST_MOUNT_ARGS=--writeback-cache cargo test --release --test mount -- --test-threads=4

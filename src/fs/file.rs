@@ -664,6 +664,13 @@ fn write_v2(
     if let Err(e) = res {
         return Err(fail(c, e, tail_undo));
     }
+    // Filling the old last block exactly drops its markers: the length shrinks by them.
+    let new_backing = plain_size_to_backing_size(FileFormat::V2, new_size);
+    if new_backing < old_backing
+        && let Err(e) = set_len(io.file, new_backing)
+    {
+        return Err(fail(c, e, tail_undo));
+    }
     c.size = new_size;
     Ok(data.len())
 }
@@ -821,31 +828,40 @@ fn truncate_to_zero(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
 }
 
 /// v2 truncate. Up: only the length changes (the old last block's padding and markers
-/// are zero already). Down: the block that holds the new end is rewritten with its tail
-/// zeroed, the file is cut at the end of that block, then lengthened by the marker bytes
-/// (so they are zeros, never old ciphertext).
+/// are zero already). Down to a size that is not a multiple of 16: the block that holds
+/// the new end is rewritten with its tail zeroed, and the block after it (whose first
+/// bytes become the markers) is stored as zeros, before one `ftruncate` to the new
+/// length. Every step leaves bytes past the new end reading as their old value or zero,
+/// and the length is only ever the old or the new one.
 fn truncate_v2(c: &mut Content, io: &Io<'_>, cipher: &FileCipher, new: u64) -> FsResult<()> {
     let old = c.size;
     let new_backing = plain_size_to_backing_size(FileFormat::V2, new);
-    if new > old {
+    if new > old || new.is_multiple_of(BLOCK) {
         return set_len(io.file, new_backing);
     }
-    let mut tail = None;
     let cut = new - new % BLOCK;
-    if !new.is_multiple_of(BLOCK) {
-        tail = save(io, HEADER_LEN + cut, HEADER_LEN + cut + BLOCK)?;
+    let next = pad16(new);
+    // Blocks `cut` and (if it holds old data) `next`: saved to put back on failure.
+    let saved_to = if next < pad16(old) {
+        next + BLOCK
+    } else {
+        next
+    };
+    let undo_rec = save(io, HEADER_LEN + cut, HEADER_LEN + saved_to)?;
+    let res = (|| {
         let mut blk = read_block_v2(io, cipher, cut)?;
         blk[(new % BLOCK) as usize..].fill(0);
         cipher.encrypt_blocks(cut, &mut blk);
         stats().encrypted(16);
         pwrite_all(io.file, &blk, HEADER_LEN + cut)?;
-    }
-    if let Err(e) = set_len(io.file, HEADER_LEN + pad16(new)) {
-        undo(io, tail, None);
+        if next < pad16(old) {
+            pwrite_all(io.file, &[0u8; BLOCK as usize], HEADER_LEN + next)?;
+        }
+        set_len(io.file, new_backing)
+    })();
+    if let Err(e) = res {
+        undo(io, undo_rec, None);
         return Err(e);
-    }
-    if new_backing != HEADER_LEN + pad16(new) {
-        set_len(io.file, new_backing)?;
     }
     Ok(())
 }

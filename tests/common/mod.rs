@@ -18,12 +18,32 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run earfs")
 }
 
-/// `earfs init --kms local --key-file KEY BACKING`, which must succeed.
+/// The format the suite's volumes are created in (EARFS_TEST_FORMAT, default 2).
+pub fn test_format() -> earfs::content::FileFormat {
+    let n = std::env::var("EARFS_TEST_FORMAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    earfs::content::FileFormat::from_number(n).expect("EARFS_TEST_FORMAT is 1 or 2")
+}
+
+/// The backing length of a file of `size` plaintext bytes written in the suite's format.
+#[allow(dead_code)]
+pub fn backing_len(size: u64) -> u64 {
+    earfs::content::plain_size_to_backing_size(test_format(), size)
+}
+
+/// `earfs init --kms local --key-file KEY BACKING`, which must succeed. With
+/// EARFS_TEST_FORMAT=1 the volume is created in format 1 (the suite then checks that v1
+/// volumes keep working).
 pub fn init_local(key: &Path, backing: &Path) {
+    let format = test_format().number().to_string();
     let out = run(&[
         "init",
         "--kms",
         "local",
+        "--format-version",
+        &format,
         "--key-file",
         key.to_str().unwrap(),
         backing.to_str().unwrap(),
