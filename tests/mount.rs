@@ -1149,3 +1149,23 @@ fn enospc_reaches_the_caller_and_the_volume_recovers() {
         written + chunk.len()
     );
 }
+
+#[test]
+fn a_volume_of_an_unknown_format_is_refused_with_one_line() {
+    let vol = Volume::new();
+    let conf = vol.backing.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let want = format!("format = {}", common::test_format().number());
+    assert!(text.contains(&want), "{text}");
+    fs::write(&conf, text.replace(&want, "format = 3")).unwrap();
+    let out = vol.try_mount(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("format 3") && lines[0].contains("does not know"),
+        "{err}"
+    );
+    assert!(!common::is_mounted(&vol.mnt));
+}

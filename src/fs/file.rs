@@ -1243,6 +1243,39 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_truncate_or_fallocate_leaves_the_file_as_it_was() {
+        // 17 TiB is past ext4's largest file (the test's backing is ext4 here): ftruncate
+        // and fallocate fail with EFBIG.
+        let huge = 17u64 << 40;
+        for format in FileFormat::ALL {
+            for size in [0u64, 5, 100, 4000, 4097] {
+                let (fx, mut c) = loaded_in(format);
+                let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
+                write(&mut c, &fx.io(), 0, &data).unwrap();
+                let before = std::fs::read(fx._dir.path().join("f")).unwrap();
+                let e = truncate(&mut c, &fx.io(), huge).unwrap_err();
+                assert!(matches!(e, FsError::Os(Errno::FBIG)), "{e:?}");
+                let after = std::fs::read(fx._dir.path().join("f")).unwrap();
+                assert!(
+                    after == before,
+                    "{format:?} {size}: truncate changed the file"
+                );
+                assert_eq!(c.size(), size);
+                assert!(fallocate(&mut c, &fx.io(), huge - 10, 10, 0).is_err());
+                let after = std::fs::read(fx._dir.path().join("f")).unwrap();
+                assert!(
+                    after == before,
+                    "{format:?} {size}: fallocate changed the file"
+                );
+                assert_eq!(fx.read_all(&c), data);
+                let mut c2 = Content::default();
+                load(&mut c2, &fx.io()).unwrap();
+                assert_eq!(c2.size(), size);
+            }
+        }
+    }
+
+    #[test]
     fn zeros_written_are_encrypted_but_holes_stay_holes() {
         let (fx, mut c) = loaded();
         write(&mut c, &fx.io(), 0, &[0u8; 8192]).unwrap();
