@@ -208,7 +208,13 @@ mod tests {
                 Err(transient())
             })
             .unwrap_err();
-        assert!(start.elapsed() < Duration::from_millis(900));
+        // The loop plans no pause past the deadline; the slack covers a loaded machine
+        // waking a sleeping thread late (the unit tests of fs run beside this one).
+        assert!(
+            start.elapsed() < Duration::from_millis(900 + 1000),
+            "{:?}",
+            start.elapsed()
+        );
         assert!(n >= 2, "{n} attempts");
         match e {
             KmsError::DeadlineExceeded { attempts, last, .. } => {
