@@ -151,9 +151,41 @@ struct Session {
     fs: EarFs,
     rec: Rc<Rec>,
     backing_ino: HashMap<u64, u64>, // fs node id -> backing inode number
+    dir: PathBuf,
 }
 
 impl Session {
+    /// The fs core over `dir`, with this thread's backing calls recorded from now on.
+    fn start(format: FileFormat, dek: &Dek, dir: &Path) -> Session {
+        let fs = EarFs::new(dir, ring(dek), format).unwrap();
+        let rec = Rc::new(Rec::default());
+        set_thread_recorder(Some(rec.clone()));
+        Session {
+            fs,
+            rec,
+            backing_ino: HashMap::new(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Stop recording; the recording.
+    fn finish(self) -> Vec<Ev> {
+        set_thread_recorder(None);
+        self.rec.evs.take()
+    }
+
+    /// Create and open `name` in the root (returns node id and handle), and mark its
+    /// (empty) plaintext.
+    fn create(&mut self, name: &str, flags: i32) -> (u64, u64) {
+        let (a, fh) = self
+            .fs
+            .create(ROOT_ID, OsStr::new(name), 0o600, flags, ME)
+            .unwrap();
+        self.backing_ino.insert(a.ino, backing_ino(&self.dir, name));
+        self.mark(a.ino);
+        (a.ino, fh)
+    }
+
     fn mark(&self, node: u64) {
         let a = self.fs.getattr(node).unwrap();
         let fh = self.fs.open(node, libc::O_RDONLY).unwrap();
@@ -194,28 +226,13 @@ struct F {
 /// arbitrary lengths each followed by a sync, overwrites, truncates up and down,
 /// fallocate, punch, one file through an O_DIRECT handle.
 fn run_files(seed: u64, format: FileFormat, dek: &Dek, dir: &Path, steps: usize) -> Vec<Ev> {
-    let fs = EarFs::new(dir, ring(dek), format).unwrap();
-    let rec = Rc::new(Rec::default());
-    set_thread_recorder(Some(rec.clone()));
-    let mut s = Session {
-        fs,
-        rec,
-        backing_ino: HashMap::new(),
-    };
+    let mut s = Session::start(format, dek, dir);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut files = Vec::new();
     for (i, name) in ["wal", "data"].iter().enumerate() {
         let flags = libc::O_RDWR | if i == 1 { libc::O_DIRECT } else { 0 };
-        let (a, fh) =
-            s.fs.create(ROOT_ID, OsStr::new(name), 0o600, flags, ME)
-                .unwrap();
-        s.backing_ino.insert(a.ino, backing_ino(dir, name));
-        s.mark(a.ino);
-        files.push(F {
-            node: a.ino,
-            fh,
-            size: 0,
-        });
+        let (node, fh) = s.create(name, flags);
+        files.push(F { node, fh, size: 0 });
     }
     let dfh = s.fs.opendir(ROOT_ID).unwrap();
     s.fs.fsyncdir(dfh, false).unwrap();
@@ -306,33 +323,21 @@ fn run_files(seed: u64, format: FileFormat, dek: &Dek, dir: &Path, steps: usize)
             s.fs.fsync(f.fh, rng.gen_bool(0.7)).unwrap();
         }
     }
-    set_thread_recorder(None);
-    s.rec.evs.take()
+    s.finish()
 }
 
 /// Atomic replacement: write a new version to a temporary name, sync it, rename it over
 /// the target, sync the directory; repeated, with small unsynced writes in between.
 fn run_rename(seed: u64, format: FileFormat, dek: &Dek, dir: &Path, rounds: usize) -> Vec<Ev> {
-    let fs = EarFs::new(dir, ring(dek), format).unwrap();
-    let rec = Rc::new(Rec::default());
-    set_thread_recorder(Some(rec.clone()));
-    let mut s = Session {
-        fs,
-        rec,
-        backing_ino: HashMap::new(),
-    };
+    let mut s = Session::start(format, dek, dir);
     let mut rng = StdRng::seed_from_u64(seed);
     let dfh = s.fs.opendir(ROOT_ID).unwrap();
     for round in 0..rounds {
-        let (a, fh) =
-            s.fs.create(ROOT_ID, OsStr::new("tmp"), 0o600, libc::O_RDWR, ME)
-                .unwrap();
-        s.backing_ino.insert(a.ino, backing_ino(dir, "tmp"));
-        s.mark(a.ino);
+        let (node, fh) = s.create("tmp", libc::O_RDWR);
         let len = rng.gen_range(1..9000usize);
         let data: Vec<u8> = (0..len).map(|i| (i + round) as u8 | 1).collect();
         s.fs.write(fh, 0, &data).unwrap();
-        s.mark(a.ino);
+        s.mark(node);
         s.fs.fsync(fh, false).unwrap();
         s.fs.release(fh);
         s.fs.rename(ROOT_ID, OsStr::new("tmp"), ROOT_ID, OsStr::new("target"), 0)
@@ -341,8 +346,7 @@ fn run_rename(seed: u64, format: FileFormat, dek: &Dek, dir: &Path, rounds: usiz
             s.fs.fsyncdir(dfh, false).unwrap();
         }
     }
-    set_thread_recorder(None);
-    s.rec.evs.take()
+    s.finish()
 }
 
 fn ring(dek: &Dek) -> Keyring {
@@ -821,18 +825,8 @@ fn the_explorer_finds_v1_windows() {
 /// A log of two records, each appended and synced: the second append must not change
 /// how the first record's last bytes decrypt.
 fn run_appends(format: FileFormat, dek: &Dek, dir: &Path, lens: &[u64]) -> Vec<Ev> {
-    let fs = EarFs::new(dir, ring(dek), format).unwrap();
-    let rec = Rc::new(Rec::default());
-    set_thread_recorder(Some(rec.clone()));
-    let mut s = Session {
-        fs,
-        rec,
-        backing_ino: HashMap::new(),
-    };
-    let (a, fh) =
-        s.fs.create(ROOT_ID, OsStr::new("log"), 0o600, libc::O_RDWR, ME)
-            .unwrap();
-    s.backing_ino.insert(a.ino, backing_ino(dir, "log"));
+    let mut s = Session::start(format, dek, dir);
+    let (node, fh) = s.create("log", libc::O_RDWR);
     let dfh = s.fs.opendir(ROOT_ID).unwrap();
     s.fs.fsyncdir(dfh, false).unwrap();
     let mut size = 0;
@@ -840,11 +834,10 @@ fn run_appends(format: FileFormat, dek: &Dek, dir: &Path, lens: &[u64]) -> Vec<E
         let rec: Vec<u8> = (0..len).map(|j| (i as u64 * 7 + j) as u8 | 0x80).collect();
         s.fs.write(fh, size, &rec).unwrap();
         size += len;
-        s.mark(a.ino);
+        s.mark(node);
         s.fs.fsync(fh, true).unwrap();
     }
-    set_thread_recorder(None);
-    s.rec.evs.take()
+    s.finish()
 }
 
 #[test]

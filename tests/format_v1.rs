@@ -7,27 +7,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use earfs::content::{FileFormat, Keyring};
-use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
+use earfs::fs::{ROOT_ID, SetAttr};
 use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
-use earfs::volume::{self, VolumeConfig};
+use earfs::volume;
+
+#[path = "common/fixture.rs"]
+mod fixture;
+use fixture::{ME, fixture_copy, open, pattern, read_all};
 
 const SIZES: [u64; 10] = [0, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 12288];
 const SPARSE_SIZE: u64 = 3 * 4096 + 100;
 const SPARSE_AT: u64 = 3 * 4096 + 50;
 
-fn pattern(n: u64) -> Vec<u8> {
-    (0..n).map(|i| ((i * 31 + 7) % 256) as u8).collect()
-}
-
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v1")
+    fixture::fixture_dir("format-v1")
 }
-
-const ME: Caller = Caller { uid: 0, gid: 0 };
 
 #[test]
 #[ignore = "writes the frozen fixtures; run once by hand"]
@@ -83,55 +79,9 @@ fn write_fixtures() {
     fs.release(fh);
 }
 
-fn open(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> EarFs {
-    let deks = cfg.unlock(backing, prov).unwrap();
-    let format = FileFormat::from_number(u64::from(cfg.format)).unwrap();
-    EarFs::new(
-        backing,
-        Keyring::new(deks, cfg.keyring.current).unwrap(),
-        format,
-    )
-    .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
-fn read_all(fs: &EarFs, name: &str) -> Vec<u8> {
-    let a = fs.lookup(ROOT_ID, OsStr::new(name)).unwrap();
-    let fh = fs.open(a.ino, libc::O_RDONLY).unwrap();
-    let mut out = Vec::new();
-    fs.read(fh, 0, (a.size + 10) as u32, |d| out.extend_from_slice(d))
-        .unwrap();
-    fs.release(fh);
-    assert_eq!(out.len() as u64, a.size);
-    out
-}
-
-fn fixture_copy() -> (tempfile::TempDir, PathBuf, LocalProvider, VolumeConfig) {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture_dir(), tmp.path());
-    let key = tmp.path().join("master.key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let prov = LocalProvider::open(&key).unwrap();
-    let backing = tmp.path().join("backing");
-    let cfg = VolumeConfig::load(&backing).unwrap();
-    (tmp, backing, prov, cfg)
-}
-
 #[test]
 fn frozen_fixtures_decrypt() {
-    let (_tmp, backing, prov, cfg) = fixture_copy();
+    let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     assert_eq!(
         (cfg.format, cfg.cipher.as_str(), cfg.sector_size),
         (1, "aes-256-xts", 4096)
@@ -160,7 +110,7 @@ fn known_answer_with_independent_code() {
     use hkdf::Hkdf;
     use sha2::Sha512;
     use xts_mode::{Xts128, get_tweak_default};
-    let (_tmp, backing, prov, cfg) = fixture_copy();
+    let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     let deks = cfg.unlock(&backing, &prov).unwrap();
     let dek = deks[0].1.expose().to_vec();
     let raw = std::fs::read(backing.join("size-8191")).unwrap();

@@ -9,13 +9,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use earfs::content::{FileFormat, Keyring};
-use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
+use earfs::content::FileFormat;
+use earfs::fs::{ROOT_ID, SetAttr};
 use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
 use earfs::volume::{self, VolumeConfig};
+
+#[path = "common/fixture.rs"]
+mod fixture;
+use fixture::{ME, fixture_copy, open, pattern, read_all};
 
 const SIZES: [u64; 10] = [0, 1, 15, 16, 17, 31, 4095, 4096, 4097, 8191];
 /// `sparse`: truncated up to 3 sectors + 100 bytes (sectors 0..3 stay all-zero, stored
@@ -26,10 +29,6 @@ const SPARSE_SIZE: u64 = 3 * 4096 + 100;
 const SPARSE_AT: u64 = 3 * 4096 + 50;
 const SPARSE_END: &[u8] = b"end";
 
-fn pattern(n: u64) -> Vec<u8> {
-    (0..n).map(|i| ((i * 31 + 7) % 256) as u8).collect()
-}
-
 fn sparse_plain() -> Vec<u8> {
     let mut want = vec![0u8; SPARSE_SIZE as usize];
     want[SPARSE_AT as usize..SPARSE_AT as usize + 4].copy_from_slice(b"tail");
@@ -38,10 +37,8 @@ fn sparse_plain() -> Vec<u8> {
 }
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v2")
+    fixture::fixture_dir("format-v2")
 }
-
-const ME: Caller = Caller { uid: 0, gid: 0 };
 
 #[test]
 #[ignore = "writes the frozen fixtures; run once by hand"]
@@ -100,52 +97,6 @@ fn write_fixtures() {
         .unwrap();
     fs.fsync(fh, false).unwrap();
     fs.release(fh);
-}
-
-fn open(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> EarFs {
-    let deks = cfg.unlock(backing, prov).unwrap();
-    let format = FileFormat::from_number(u64::from(cfg.format)).unwrap();
-    EarFs::new(
-        backing,
-        Keyring::new(deks, cfg.keyring.current).unwrap(),
-        format,
-    )
-    .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
-fn read_all(fs: &EarFs, name: &str) -> Vec<u8> {
-    let a = fs.lookup(ROOT_ID, OsStr::new(name)).unwrap();
-    let fh = fs.open(a.ino, libc::O_RDONLY).unwrap();
-    let mut out = Vec::new();
-    fs.read(fh, 0, (a.size + 10) as u32, |d| out.extend_from_slice(d))
-        .unwrap();
-    fs.release(fh);
-    assert_eq!(out.len() as u64, a.size);
-    out
-}
-
-fn fixture_copy() -> (tempfile::TempDir, PathBuf, LocalProvider, VolumeConfig) {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture_dir(), tmp.path());
-    let key = tmp.path().join("master.key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let prov = LocalProvider::open(&key).unwrap();
-    let backing = tmp.path().join("backing");
-    let cfg = VolumeConfig::load(&backing).unwrap();
-    (tmp, backing, prov, cfg)
 }
 
 // ---- Independent code: the v2 rules written out again, without earfs. ----
@@ -264,7 +215,7 @@ fn dek_of(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> Vec<u8> {
 
 #[test]
 fn frozen_fixtures_decrypt() {
-    let (_tmp, backing, prov, cfg) = fixture_copy();
+    let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     assert_eq!(
         (cfg.format, cfg.cipher.as_str(), cfg.sector_size),
         (2, "aes-256-xts", 4096)
@@ -286,7 +237,7 @@ fn frozen_fixtures_decrypt() {
 #[test]
 fn known_answer_with_independent_code() {
     use xts_mode::get_tweak_default;
-    let (_tmp, backing, prov, cfg) = fixture_copy();
+    let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     let dek = dek_of(&backing, &cfg, &prov);
     let kv = cfg.keyring.current;
 
@@ -399,7 +350,7 @@ fn known_answer_with_independent_code() {
 
 #[test]
 fn append_to_fixture_copy_keeps_earlier_blocks() {
-    let (_tmp, backing, prov, cfg) = fixture_copy();
+    let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     let dek = dek_of(&backing, &cfg, &prov);
     let kv = cfg.keyring.current;
     let path = backing.join("size-17");

@@ -38,12 +38,6 @@ fn all_zero(s: &[u8]) -> bool {
     body && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-fn is_zero_block(b: &[u8]) -> bool {
-    let mut w = [0u8; 16];
-    w.copy_from_slice(b);
-    u128::from_ne_bytes(w) == 0
-}
-
 impl FileCipher {
     pub(crate) fn new(key_version: u32, format: FileFormat, nonce: Nonce, key: &XtsKey) -> Self {
         FileCipher {
@@ -85,7 +79,7 @@ impl FileCipher {
             let mut zero = [0u64; 4];
             let mut any = false;
             for (k, b) in part.chunks_exact(BLOCK as usize).enumerate() {
-                if is_zero_block(b) {
+                if all_zero(b) {
                     zero[k / 64] |= 1 << (k % 64);
                     any = true;
                 }

@@ -101,18 +101,24 @@ fn cipher_for(
     ))
 }
 
-/// Check a header read from disk and derive the file's cipher.
-pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError> {
-    if h.len() < MAC_END {
+/// The format a header names, from its magic and version field alone (no key needed).
+pub fn header_format(h: &[u8]) -> Result<FileFormat, HeaderError> {
+    if h.len() < 10 {
         return Err(HeaderError::Short);
     }
     if h[0..8] != MAGIC {
         return Err(HeaderError::BadMagic);
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    let Some(format) = FileFormat::from_number(u64::from(version)) else {
-        return Err(HeaderError::UnsupportedVersion(version));
-    };
+    FileFormat::from_number(u64::from(version)).ok_or(HeaderError::UnsupportedVersion(version))
+}
+
+/// Check a header read from disk and derive the file's cipher.
+pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError> {
+    if h.len() < MAC_END {
+        return Err(HeaderError::Short);
+    }
+    let format = header_format(h)?;
     let flags = u16::from_le_bytes([h[10], h[11]]);
     if flags != 0 {
         return Err(HeaderError::UnknownFlags(flags));

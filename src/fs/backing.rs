@@ -128,23 +128,17 @@ pub(super) fn fallocate(f: &File, mode: FallocateFlags, off: u64, len: u64) -> R
     Ok(())
 }
 
-pub(super) fn fsync(f: &File) -> Result<(), Errno> {
-    rustix::fs::fsync(f)?;
+/// `fdatasync` (`data_only`) or `fsync` of a file.
+pub(super) fn sync(f: &File, data_only: bool) -> Result<(), Errno> {
+    if data_only {
+        rustix::fs::fdatasync(f)?;
+    } else {
+        rustix::fs::fsync(f)?;
+    }
     note(|r| {
         r.record(&Op::Sync {
             fd: f.as_fd(),
-            data_only: false,
-        })
-    });
-    Ok(())
-}
-
-pub(super) fn fdatasync(f: &File) -> Result<(), Errno> {
-    rustix::fs::fdatasync(f)?;
-    note(|r| {
-        r.record(&Op::Sync {
-            fd: f.as_fd(),
-            data_only: true,
+            data_only,
         })
     });
     Ok(())

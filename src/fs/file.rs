@@ -29,7 +29,7 @@ use crate::content::{
 };
 use crate::sys::AlignedBuf;
 
-use super::backing;
+use super::backing::{self, pwrite_all};
 use super::error::{FsError, FsResult};
 use super::stats::stats;
 
@@ -74,10 +74,6 @@ impl Content {
     /// The file's format (`None` while it has no header).
     pub fn format(&self) -> Option<FileFormat> {
         self.cipher.as_ref().map(|c| c.format())
-    }
-    /// The file's key version (`None` while it has no header).
-    pub fn key_version(&self) -> Option<u32> {
-        self.cipher.as_ref().map(|c| c.key_version())
     }
 }
 
@@ -188,11 +184,6 @@ fn pread_direct(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// pwrite all of `buf` or fail with the errno of the failing call.
-fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
-    backing::pwrite_all(f, buf, off)
 }
 
 fn set_len(f: &File, len: u64) -> FsResult<()> {
@@ -314,7 +305,7 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
     if c.orphan {
         let len = rustix::fs::fstat(io.file)?.st_size as u64;
         clear_range(io.file, HEADER_LEN, len)?;
-        backing::fdatasync(io.file)?;
+        backing::sync(io.file, true)?;
         write_header(io, &h[..])?;
         let want = plain_size_to_backing_size(cipher.format(), c.size);
         if want != len {
@@ -358,7 +349,7 @@ fn upgrade_if_aligned(c: &mut Content, io: &Io<'_>, new_size: u64) -> FsResult<(
     let (h, v2) =
         reformat_header(&keys(io)?.0, cipher, FileFormat::V2).map_err(|e| header_error(io, e))?;
     write_header(io, &h[..])?;
-    backing::fdatasync(io.file)?;
+    backing::sync(io.file, true)?;
     c.cipher = Some(Arc::new(v2));
     Ok(())
 }
@@ -551,7 +542,8 @@ pub fn write(c: &mut Content, io: &Io<'_>, off: u64, data: &[u8]) -> FsResult<us
     }
     let end = off.checked_add(len).ok_or(FsError::Os(Errno::FBIG))?;
     upgrade_if_aligned(c, io, c.size.max(end))?;
-    let had_header = c.cipher.is_some();
+    // An orphan gets its header below but keeps its size: a failure rolls back to that.
+    let had_header = c.cipher.is_some() || c.orphan;
     let cipher = ensure_header(c, io)?;
     match cipher.format() {
         FileFormat::V2 => write_v2(c, io, &cipher, had_header, off, data),
@@ -573,6 +565,15 @@ fn save(io: &Io<'_>, from: u64, to: u64) -> FsResult<Undo> {
     Ok(Some((from, raw)))
 }
 
+/// Decrypt the stored v2 block that starts at plaintext `at` (a multiple of 16).
+fn decrypt_block_v2(cipher: &FileCipher, at: u64, stored: &[u8]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&stored[..16]);
+    cipher.decrypt_blocks(at, &mut b);
+    stats().decrypted(16);
+    b
+}
+
 /// Read and decrypt the v2 block that starts at plaintext `at` (a multiple of 16).
 fn read_block_v2(io: &Io<'_>, cipher: &FileCipher, at: u64) -> FsResult<[u8; 16]> {
     let mut b = [0u8; 16];
@@ -583,9 +584,18 @@ fn read_block_v2(io: &Io<'_>, cipher: &FileCipher, at: u64) -> FsResult<[u8; 16]
             reason: format!("block at {at} is {} bytes short", b.len() - n),
         });
     }
-    cipher.decrypt_blocks(at, &mut b);
-    stats().decrypted(16);
-    Ok(b)
+    Ok(decrypt_block_v2(cipher, at, &b))
+}
+
+/// The v2 block at plaintext `at`, decrypted from the bytes an undo record already
+/// holds when it starts there (saving a second read of the same block), else read.
+fn block_v2(io: &Io<'_>, cipher: &FileCipher, saved: &Undo, at: u64) -> FsResult<[u8; 16]> {
+    match saved {
+        Some((o, raw)) if *o == HEADER_LEN + at && raw.len() >= 16 => {
+            Ok(decrypt_block_v2(cipher, at, raw))
+        }
+        _ => read_block_v2(io, cipher, at),
+    }
 }
 
 /// v2 write: the 16-byte blocks that `[off, end)` touches are encrypted and written
@@ -613,7 +623,8 @@ fn write_v2(
     let old_backing = plain_size_to_backing_size(FileFormat::V2, old);
     let grows = at + buf_len as u64 > old_backing;
     // The old last block and its markers, if this write rewrites them: restored on failure
-    // so that the bytes past the old size stay zero.
+    // so that the bytes past the old size stay zero. An append merges from these bytes
+    // too, so the block is read once.
     let tail_undo = if !old.is_multiple_of(BLOCK) && b1 > old - old % BLOCK {
         save(io, HEADER_LEN + old - old % BLOCK, old_backing)?
     } else {
@@ -644,11 +655,11 @@ fn write_v2(
         let last_at = b1 - BLOCK;
         let last_partial = !end.is_multiple_of(BLOCK) && end < old;
         if first_partial {
-            let blk = read_block_v2(io, cipher, b0)?;
+            let blk = block_v2(io, cipher, &tail_undo, b0)?;
             buf[..16].copy_from_slice(&blk);
         }
         if last_partial && !(first_partial && last_at == b0) {
-            let blk = read_block_v2(io, cipher, last_at)?;
+            let blk = block_v2(io, cipher, &tail_undo, last_at)?;
             let i = (last_at - b0) as usize;
             buf[i..i + 16].copy_from_slice(&blk);
         }
@@ -747,7 +758,16 @@ fn write_v1(
                 continue;
             }
             let mut sec = [0u8; SECTOR as usize];
-            read_sector(io, &cipher, s, old_len, &mut sec)?;
+            // The old short last sector was saved for the undo: decrypt it from there
+            // rather than read it a second time.
+            match &tail_undo {
+                Some((o, raw)) if *o == s.backing_offset() && raw.len() == old_len => {
+                    sec[..old_len].copy_from_slice(raw);
+                    cipher.decrypt(s, &mut sec[..old_len]);
+                    stats().decrypted(old_len);
+                }
+                _ => read_sector(io, &cipher, s, old_len, &mut sec)?,
+            }
             let at = (s.plain_start() - span.plain_start()) as usize;
             buf[at..at + old_len].copy_from_slice(&sec[..old_len]);
         }
@@ -787,7 +807,7 @@ pub fn truncate(c: &mut Content, io: &Io<'_>, new: u64) -> FsResult<()> {
         return Ok(());
     }
     upgrade_if_aligned(c, io, new)?;
-    let had_header = c.cipher.is_some();
+    let had_header = c.cipher.is_some() || c.orphan;
     let cipher = ensure_header(c, io)?;
     let res = match cipher.format() {
         FileFormat::V2 => truncate_v2(c, io, &cipher, new),
@@ -819,7 +839,7 @@ fn truncate_to_zero(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     }
     set_len(io.file, 0)?;
     if c.cipher.is_some() || c.orphan {
-        backing::fdatasync(io.file)?;
+        backing::sync(io.file, true)?;
     }
     c.cipher = None;
     c.orphan = false;
@@ -849,7 +869,7 @@ fn truncate_v2(c: &mut Content, io: &Io<'_>, cipher: &FileCipher, new: u64) -> F
     };
     let undo_rec = save(io, HEADER_LEN + cut, HEADER_LEN + saved_to)?;
     let res = (|| {
-        let mut blk = read_block_v2(io, cipher, cut)?;
+        let mut blk = block_v2(io, cipher, &undo_rec, cut)?;
         blk[(new % BLOCK) as usize..].fill(0);
         cipher.encrypt_blocks(cut, &mut blk);
         stats().encrypted(16);
@@ -912,25 +932,12 @@ pub fn fallocate(c: &mut Content, io: &Io<'_>, off: u64, len: u64, mode: i32) ->
     let boff = off + HEADER_LEN;
     // v2 stores the block that holds the end padded to 16 bytes.
     let reserve_len = pad16(end) - off;
+    backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len)?;
     if mode & KEEP_SIZE != 0 || end <= c.size {
-        backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len)?;
         return Ok(());
     }
-    // Mode 0 past the end: reserve, then set the new size (as a truncate up does).
-    if c.cipher.is_some() {
-        backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len)?;
-        return truncate(c, io, end);
-    }
-    truncate(c, io, end)?;
-    if let Err(e) = backing::fallocate(io.file, FallocateFlags::KEEP_SIZE, boff, reserve_len) {
-        // The file had no header: leave it empty, as it was.
-        let _ = set_len(io.file, 0);
-        c.cipher = None;
-        c.orphan = false;
-        c.size = 0;
-        return Err(e.into());
-    }
-    Ok(())
+    // Mode 0 past the end: reserved, now set the new size (as a truncate up does).
+    truncate(c, io, end)
 }
 
 /// Zero plaintext `[off, end)` within the file: whole sectors become backing holes,

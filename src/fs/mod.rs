@@ -24,7 +24,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat, Timespec, Timestamps}
 use rustix::io::Errno;
 
 use crate::content::{
-    FileFormat, HEADER_LEN, Keyring, MAGIC, backing_size_to_plain_size, size_is_format_independent,
+    FileFormat, HEADER_LEN, Keyring, backing_size_to_plain_size, header_format,
+    size_is_format_independent,
 };
 use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME};
 
@@ -215,15 +216,10 @@ impl EarFs {
             return fallback;
         };
         let mut h = [0u8; 10];
-        match rustix::io::pread(&fd, &mut h, 0) {
-            Ok(10) if h[..8] == MAGIC => {
-                match FileFormat::from_number(u64::from(u16::from_le_bytes([h[8], h[9]]))) {
-                    Some(f) => {
-                        inode.set_format_hint(f);
-                        f
-                    }
-                    None => fallback,
-                }
+        match rustix::io::pread(&fd, &mut h, 0).map(|n| header_format(&h[..n])) {
+            Ok(Ok(f)) => {
+                inode.set_format_hint(f);
+                f
             }
             _ => fallback,
         }
@@ -788,12 +784,7 @@ impl EarFs {
     /// fsync (or fdatasync) the backing file: exactly one backing call.
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.handle(fh)?;
-        if datasync {
-            backing::fdatasync(&h.file)?;
-        } else {
-            backing::fsync(&h.file)?;
-        }
-        Ok(())
+        Ok(backing::sync(&h.file, datasync)?)
     }
 
     /// Close a handle.

@@ -1,0 +1,76 @@
+//! What the frozen-fixture tests (tests/format_v1.rs, tests/format_v2.rs) share: the
+//! data pattern, a scratch copy of a fixture volume, and reading it through the fs core.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use earfs::content::{FileFormat, Keyring};
+use earfs::fs::{Caller, EarFs, ROOT_ID};
+use earfs::kms::LocalProvider;
+use earfs::volume::VolumeConfig;
+
+pub const ME: Caller = Caller { uid: 0, gid: 0 };
+
+/// The bytes of the fixture file `size-N`.
+pub fn pattern(n: u64) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + 7) % 256) as u8).collect()
+}
+
+/// `tests/fixtures/NAME`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fs core over a fixture volume, in the format its config records.
+pub fn open(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> EarFs {
+    let deks = cfg.unlock(backing, prov).unwrap();
+    let format = FileFormat::from_number(u64::from(cfg.format)).unwrap();
+    EarFs::new(
+        backing,
+        Keyring::new(deks, cfg.keyring.current).unwrap(),
+        format,
+    )
+    .unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// The whole plaintext of `name` in the root, checked against its size.
+pub fn read_all(fs: &EarFs, name: &str) -> Vec<u8> {
+    let a = fs.lookup(ROOT_ID, OsStr::new(name)).unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).unwrap();
+    let mut out = Vec::new();
+    fs.read(fh, 0, (a.size + 10) as u32, |d| out.extend_from_slice(d))
+        .unwrap();
+    fs.release(fh);
+    assert_eq!(out.len() as u64, a.size);
+    out
+}
+
+/// A scratch copy of the fixture volume in `fixture` (never the frozen files
+/// themselves): its directory, backing path, key provider and config.
+pub fn fixture_copy(fixture: &Path) -> (tempfile::TempDir, PathBuf, LocalProvider, VolumeConfig) {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(fixture, tmp.path());
+    let key = tmp.path().join("master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let prov = LocalProvider::open(&key).unwrap();
+    let backing = tmp.path().join("backing");
+    let cfg = VolumeConfig::load(&backing).unwrap();
+    (tmp, backing, prov, cfg)
+}
