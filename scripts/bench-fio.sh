@@ -4,7 +4,8 @@
 # A benchmark, not a test: numbers go to docs/performance.md.
 #
 # Env: BENCH_SECONDS (per job, default 15), BENCH_SIZE (file size, default 512M),
-#      BACKENDS (default "raw earfs earfs-wb gocryptfs"), EARFS_BIN.
+#      BACKENDS (default "raw earfs earfs-wb gocryptfs"; also earfs-v1: a format-1
+#      volume), JOBS (job names to run, default all), EARFS_BIN.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 secs="${BENCH_SECONDS:-15}"
@@ -19,7 +20,17 @@ jobs=(
   "seqwrite-1m|--rw=write --bs=1m --ioengine=psync --end_fsync=1"
   "seqread-1m|--rw=read --bs=1m --ioengine=psync"
   "append-4k-fdatasync|--rw=write --bs=4k --ioengine=psync --fdatasync=1"
+  # A log: each record appended past the end of the file, then fdatasync.
+  "logappend-4k-fdatasync|--rw=write --bs=4k --ioengine=psync --fdatasync=1 --file_append=1 --fallocate=none"
+  "logappend-100b-fdatasync|--rw=write --bs=100 --ioengine=psync --fdatasync=1 --file_append=1 --fallocate=none"
 )
+if [[ -n "${JOBS:-}" ]]; then
+  picked=()
+  for j in "${jobs[@]}"; do
+    [[ " $JOBS " == *" ${j%%|*} "* ]] && picked+=("$j")
+  done
+  jobs=("${picked[@]}")
+fi
 
 results="$(mktemp -d "${TMPDIR:-/tmp}/earfs-fio.XXXXXX")"
 for b in "${backends[@]}"; do
@@ -28,6 +39,7 @@ for b in "${backends[@]}"; do
     source "$here/lib/mountfs.sh"
     backend="$b"
     [[ "$b" == earfs-wb ]] && { backend=earfs; export EARFS_MOUNT_ARGS="--writeback-cache"; }
+    [[ "$b" == earfs-v1 ]] && { backend=earfs; export EARFS_INIT_ARGS="--format-version 1"; }
     work="$(fs_mktemp "fio-$b")"
     fs_setup "$backend" "$work"
     for j in "${jobs[@]}"; do

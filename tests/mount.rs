@@ -1170,3 +1170,129 @@ fn a_volume_of_an_unknown_format_is_refused_with_one_line() {
     );
     assert!(!common::is_mounted(&vol.mnt));
 }
+
+/// The format a backing file's header names (bytes 8..10).
+fn header_version(path: &std::path::Path) -> u16 {
+    let h = fs::read(path).unwrap();
+    u16::from_le_bytes([h[8], h[9]])
+}
+
+/// `earfs info --files --json BACKING`'s census.
+fn census_of(backing: &std::path::Path) -> serde_json::Value {
+    let out = run(&["info", "--files", "--json", backing.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["files"].clone()
+}
+
+#[test]
+fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules() {
+    use earfs::content::FileFormat;
+    let vol = Volume::in_format(FileFormat::V1);
+    let backing = vol.backing.to_str().unwrap();
+    {
+        let m = vol.mount(&[]);
+        fs::write(m.path("odd"), b"hello").unwrap();
+        fs::write(m.path("even"), [7u8; 32]).unwrap();
+        let c = census_of(&vol.backing);
+        assert_eq!(c["formats"], serde_json::json!({"1": 2}), "{c}");
+        assert_eq!(c["v1_convertible"], 1, "{c}");
+
+        // Through the running daemon.
+        let out = run(&["upgrade", backing]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("now writes format 2 (was 1; through the running daemon)"),
+            "{said}"
+        );
+        let conf = fs::read_to_string(vol.backing.join("earfs.conf")).unwrap();
+        assert!(conf.contains("format = 2"), "{conf}");
+
+        // New files are v2 at once; an unaligned v1 file stays v1; an aligned one flips
+        // before the write that leaves it unaligned; truncate to zero makes a v2 file.
+        fs::write(m.path("new"), b"x").unwrap();
+        assert_eq!(header_version(&m.backing("new")), 2);
+        OpenOptions::new()
+            .append(true)
+            .open(m.path("odd"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        assert_eq!(header_version(&m.backing("odd")), 1);
+        OpenOptions::new()
+            .append(true)
+            .open(m.path("even"))
+            .unwrap()
+            .write_all(b"abc")
+            .unwrap();
+        assert_eq!(header_version(&m.backing("even")), 2);
+        assert_eq!(fs::read(m.path("odd")).unwrap(), b"hello!");
+        assert_eq!(
+            fs::read(m.path("even")).unwrap(),
+            [&[7u8; 32][..], b"abc"].concat()
+        );
+
+        let out = run(&["status", "--files", "--json", vol.mnt.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["format"], 2, "{st}");
+        assert_eq!(
+            st["files"]["formats"],
+            serde_json::json!({"1": 1, "2": 2}),
+            "{st}"
+        );
+        let out = run(&["status", "--files", vol.mnt.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("format:        2 (new files)"), "{text}");
+        assert!(text.contains("format 1:    1"), "{text}");
+
+        fs::write(m.path("odd"), b"z").unwrap();
+        assert_eq!(header_version(&m.backing("odd")), 2);
+        assert_eq!(
+            census_of(&vol.backing)["formats"],
+            serde_json::json!({"2": 3})
+        );
+        // Again: nothing to do.
+        let out = run(&["upgrade", backing]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("already writes format 2"));
+    }
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("odd")).unwrap(), b"z");
+    assert_eq!(
+        fs::read(m.path("even")).unwrap(),
+        [&[7u8; 32][..], b"abc"].concat()
+    );
+    drop(m);
+
+    // Not mounted: earfs.conf is rewritten and authenticates at the next mount.
+    let off = Volume::in_format(FileFormat::V1);
+    {
+        let m = off.mount(&[]);
+        fs::write(m.path("old"), b"v1 bytes").unwrap();
+    }
+    let out = run(&["upgrade", off.backing.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(was 1; not mounted"));
+    let m = off.mount(&[]);
+    assert_eq!(fs::read(m.path("old")).unwrap(), b"v1 bytes");
+    fs::write(m.path("fresh"), b"v2").unwrap();
+    assert_eq!(header_version(&m.backing("fresh")), 2);
+    assert_eq!(header_version(&m.backing("old")), 1);
+}

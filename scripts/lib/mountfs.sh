@@ -20,6 +20,7 @@
 #   EARFS_TOOLS_DIR  cargo-installed tools (default: $repo/target/tools)
 #   GOCRYPTFS_BIN    gocryptfs binary  (default: gocryptfs from PATH)
 #   EARFS_MOUNT_ARGS extra flags for every earfs mount (e.g. --writeback-cache)
+#   EARFS_INIT_ARGS  extra flags for earfs init (e.g. --format-version 1)
 
 if [[ -n "${__EARFS_MOUNTFS_SOURCED:-}" ]]; then
     return 0
@@ -117,7 +118,9 @@ fs_create() {
     case "$FS_BACKEND" in
         earfs)
             [[ -x "$EARFS_BIN" ]] || die "earfs binary not found at $EARFS_BIN (set EARFS_BIN)"
-            "$EARFS_BIN" init --kms local --key-file "$FS_KEYFILE" "$FS_BACKING"
+            local init_extra=()
+            read -r -a init_extra <<<"${EARFS_INIT_ARGS:-}"
+            "$EARFS_BIN" init --kms local "${init_extra[@]}" --key-file "$FS_KEYFILE" "$FS_BACKING"
             ;;
         gocryptfs)
             # -scryptn 10: fast (insecure) KDF, fine for tests.

@@ -10,6 +10,7 @@ use crate::daemon::{self, Failure, exit};
 use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry, create_key_file};
 use crate::volume::{self, VolumeConfig};
 
+mod files;
 mod kms;
 mod mount;
 mod status;
@@ -133,14 +134,36 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also count each volume's files by format and key version (as `info --files`).
+        #[arg(long)]
+        files: bool,
         /// The mountpoint of one daemon; all running daemons if absent.
         mountpoint: Option<PathBuf>,
     },
-    /// Show a volume: id, cipher, sector size, key provider, key versions, AES kernel.
+    /// Make an existing volume write format 2 (power-cut safe) from now on.
+    ///
+    /// Runs on an unmounted volume (earfs.conf is rewritten, signed with the data key
+    /// unwrapped through the KMS) or on a mounted one (through its daemon's control
+    /// socket, as root; new files are format 2 at once). Files keep their format: a v1
+    /// file whose size is a multiple of 16 becomes v2 at its next write, other v1 files
+    /// stay v1 until truncated to zero or replaced (`earfs info --files` counts them).
+    Upgrade {
+        /// Seconds that the KMS may take (see mount --kms-deadline).
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
+    /// Show a volume: id, format, cipher, sector size, key provider, key versions, AES
+    /// kernel; with --files, how many files it holds of each format and key version.
     Info {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Count the files by format and key version (reads every file's header; no key
+        /// needed, the volume may be mounted).
+        #[arg(long)]
+        files: bool,
         /// Backing directory of the volume.
         backing: PathBuf,
     },
@@ -187,8 +210,20 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => kms::export_keyring(&backing, output.as_deref(), kms_deadline),
         Command::Mount(args) => mount::run(args),
         Command::Umount { mountpoint } => umount(mountpoint),
-        Command::Status { json, mountpoint } => status::run(json, mountpoint.as_deref()),
-        Command::Info { json, backing } => info(json, backing),
+        Command::Status {
+            json,
+            files,
+            mountpoint,
+        } => status::run(json, files, mountpoint.as_deref()),
+        Command::Upgrade {
+            kms_deadline,
+            backing,
+        } => files::upgrade(&backing, kms_deadline),
+        Command::Info {
+            json,
+            files,
+            backing,
+        } => info(json, files, backing),
         Command::Speed { json, seconds } => speed(json, seconds),
     }
 }
@@ -265,8 +300,13 @@ fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
     Ok(())
 }
 
-fn info(json: bool, backing: PathBuf) -> Result<(), Failure> {
+fn info(json: bool, files: bool, backing: PathBuf) -> Result<(), Failure> {
     let cfg = VolumeConfig::load(&backing)?;
+    let census = if files {
+        Some(files::count_files(&backing)?)
+    } else {
+        None
+    };
     let versions: Vec<u32> = cfg.keyring.keys.iter().map(|k| k.version).collect();
     let aes = crate::crypto::implementation();
     if json {
@@ -282,6 +322,7 @@ fn info(json: bool, backing: PathBuf) -> Result<(), Failure> {
             "key_versions": versions,
             "current_key_version": cfg.keyring.current,
             "aes_implementation": aes,
+            "files": census.as_ref().map(files::census_json),
         });
         println!("{v:#}");
     } else {
@@ -303,6 +344,9 @@ fn info(json: bool, backing: PathBuf) -> Result<(), Failure> {
             versions, cfg.keyring.current
         );
         println!("AES kernel:    {aes}");
+        if let Some(c) = &census {
+            files::print_census(c, "");
+        }
     }
     Ok(())
 }

@@ -4,10 +4,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::fs::census::Census;
+
 use crate::daemon::control::{request_status, runtime_dir, socket_path, sockets};
 use crate::daemon::{Failure, exit};
 
-pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> {
+pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<(), Failure> {
     let targets = match mountpoint {
         Some(mp) => {
             let canon = std::fs::canonicalize(mp)
@@ -55,6 +57,13 @@ pub(super) fn run(json: bool, mountpoint: Option<&Path>) -> Result<(), Failure> 
                     format!("{}: {e}", sock.display()),
                 ));
             }
+        }
+    }
+    if files {
+        for v in &mut replies {
+            let backing = std::path::PathBuf::from(s(&v["backing"]));
+            let c = super::files::count_files(&backing)?;
+            v["files"] = super::files::census_json(&c);
         }
     }
     if json {
@@ -111,6 +120,7 @@ fn print_one(v: &Value) {
         s(&v["volume_id"]),
         s(&v["backing"])
     );
+    println!("  format:        {} (new files)", s(&v["format"]));
     println!(
         "  key:           {} {}",
         s(&v["kms_provider"]),
@@ -164,6 +174,9 @@ fn print_one(v: &Value) {
         println!("  errors:        {}", list.join(", "));
     } else {
         println!("  errors:        none");
+    }
+    if let Ok(c) = serde_json::from_value::<Census>(v["files"].clone()) {
+        super::files::print_census(&c, "  ");
     }
     if let Some(ops) = v["ops"].as_array().filter(|o| !o.is_empty()) {
         println!(

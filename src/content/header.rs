@@ -113,6 +113,16 @@ pub fn header_format(h: &[u8]) -> Result<FileFormat, HeaderError> {
     FileFormat::from_number(u64::from(version)).ok_or(HeaderError::UnsupportedVersion(version))
 }
 
+/// The format and key version a header names, read without a key (and so not
+/// authenticated: for counting files, never for deciding how to decrypt).
+pub fn header_names(h: &[u8]) -> Result<(FileFormat, u32), HeaderError> {
+    if h.len() < 16 {
+        return Err(HeaderError::Short);
+    }
+    let format = header_format(h)?;
+    Ok((format, u32::from_le_bytes([h[12], h[13], h[14], h[15]])))
+}
+
 /// Check a header read from disk and derive the file's cipher.
 pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError> {
     if h.len() < MAC_END {

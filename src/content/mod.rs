@@ -8,8 +8,8 @@ mod layout;
 
 pub use codec::{FileCipher, MIN_HOLE_LEN, is_hole};
 pub use header::{
-    HeaderError, MAGIC, decode_header, encode_header, header_format, header_never_written,
-    new_header, reformat_header,
+    HeaderError, MAGIC, decode_header, encode_header, header_format, header_names,
+    header_never_written, new_header, reformat_header,
 };
 pub use keyring::Keyring;
 pub use layout::{

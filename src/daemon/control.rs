@@ -3,7 +3,8 @@
 //! One socket per mount in the runtime directory (`/run/earfs`, mode 0700; the socket
 //! 0600), named after a hash of the mountpoint. Only root may use it: the peer's
 //! credentials are checked on every connection. The protocol is one request line
-//! (`status`) and one JSON reply.
+//! (`status`, or `upgrade`: make the volume write the newest format) and one JSON
+//! reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -75,11 +76,19 @@ fn answer(shared: &Shared, conn: UnixStream) {
         return;
     }
     if !matches!(&peer, Ok(c) if c.uid.is_root()) {
-        let _ = writeln!(w, "{{\"error\":\"only root may use the control socket\"}}");
+        let _ = writeln!(
+            w,
+            "{}",
+            serde_json::json!({ "error": "only root may use the control socket", "refused": true })
+        );
         return;
     }
     let reply = match line.trim() {
         "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
+        "upgrade" => match shared.upgrade() {
+            Ok((from, to)) => serde_json::json!({ "from": from, "format": to }).to_string(),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     let _ = writeln!(w, "{reply}");
@@ -87,19 +96,28 @@ fn answer(shared: &Shared, conn: UnixStream) {
 
 /// Ask the daemon behind `socket` for its status (JSON).
 pub fn request_status(socket: &Path) -> std::io::Result<serde_json::Value> {
+    request(socket, "status", Duration::from_secs(10))
+}
+
+/// Send `what` (`status`, `upgrade`) to the daemon behind `socket` and return its JSON
+/// reply; a reply that names an error is an error (`PermissionDenied` for a refusal,
+/// `Other` for a failed request).
+pub fn request(socket: &Path, what: &str, timeout: Duration) -> std::io::Result<serde_json::Value> {
     let conn = UnixStream::connect(socket)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(timeout))?;
     let mut w = &conn;
-    writeln!(w, "status")?;
+    writeln!(w, "{what}")?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let v: serde_json::Value = serde_json::from_str(&line)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            e.to_string(),
-        ));
+        let kind = if v.get("refused").and_then(|r| r.as_bool()) == Some(true) {
+            std::io::ErrorKind::PermissionDenied
+        } else {
+            std::io::ErrorKind::Other
+        };
+        return Err(std::io::Error::new(kind, e.to_string()));
     }
     Ok(v)
 }

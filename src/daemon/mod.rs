@@ -378,17 +378,25 @@ pub fn holders(mp: &Path) -> Vec<String> {
 
 /// Take the volume's exclusive lock (flock on the backing directory).
 fn lock_volume(backing: &Path) -> Result<File, Failure> {
-    let dir = File::open(backing)
-        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
-    match rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(dir),
-        Err(Errno::WOULDBLOCK) => Err(Failure::new(
+    try_lock_volume(backing)?.ok_or_else(|| {
+        Failure::new(
             exit::VOLUME_IN_USE,
             format!(
                 "volume {} is already mounted by another earfs daemon; a volume can be mounted only once",
                 backing.display()
             ),
-        )),
+        )
+    })
+}
+
+/// Take the volume's exclusive lock if no daemon holds it (`None`: one does). Held
+/// while the returned file is open.
+pub fn try_lock_volume(backing: &Path) -> Result<Option<File>, Failure> {
+    let dir = File::open(backing)
+        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
+    match rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(dir)),
+        Err(Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(Failure::new(
             exit::FAILURE,
             format!("cannot lock {}: {e}", backing.display()),

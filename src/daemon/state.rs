@@ -10,12 +10,12 @@ use serde::Serialize;
 
 use super::config::{FileConfig, RevocationPolicy};
 use super::notify;
-use crate::content::Keyring;
+use crate::content::{FileFormat, Keyring};
 use crate::fs::EarFs;
 use crate::fs::stats::{OpSnapshot, errno_name, stats};
 use crate::fuse::CacheInvalidator;
 use crate::kms::{KeyProvider, KmsError, KmsOverrides, Retry};
-use crate::volume::VolumeConfig;
+use crate::volume::{NEW_VOLUME_FORMAT, VolumeConfig};
 
 /// Settings that a SIGHUP may change.
 #[derive(Debug, Clone)]
@@ -286,6 +286,40 @@ impl Shared {
         }
     }
 
+    /// `earfs upgrade` through the control socket: make the volume write the newest
+    /// format (earfs.conf rewritten under a new MAC, with the keys unwrapped through the
+    /// KMS), then switch the running file system: every file created or truncated to
+    /// zero from now on is in that format. Returns the formats before and after.
+    pub fn upgrade(&self) -> Result<(u32, u32), String> {
+        let mut k = lock(&self.kms);
+        let mut cfg = VolumeConfig::load(&self.backing).map_err(|e| e.to_string())?;
+        let deks = cfg
+            .unlock(&self.backing, k.provider.as_ref())
+            .map_err(|e| e.to_string())?;
+        let from = cfg.format;
+        cfg.upgrade(&self.backing, &deks, NEW_VOLUME_FORMAT)
+            .map_err(|e| e.to_string())?;
+        self.apply_format(cfg.format)?;
+        if cfg.format != from {
+            log::info!(
+                "upgraded volume {} from format {from} to {}: new files are written in format {}",
+                cfg.volume_id,
+                cfg.format,
+                cfg.format
+            );
+        }
+        let to = cfg.format;
+        k.cfg = cfg;
+        Ok((from, to))
+    }
+
+    fn apply_format(&self, n: u32) -> Result<(), String> {
+        let f = FileFormat::from_number(u64::from(n))
+            .ok_or_else(|| format!("unknown volume format {n}"))?;
+        self.fs.set_write_format(f);
+        Ok(())
+    }
+
     /// SIGHUP: read the config file again (reloadable keys), then `earfs.conf`, unwrap
     /// its keyring through the KMS and install it.
     pub fn reload(&self) -> Result<(), String> {
@@ -338,6 +372,7 @@ impl Shared {
         let keys = Keyring::new(deks, cfg.keyring.current)
             .ok_or("the current key version is missing from the keyring")?;
         let versions = keys.versions();
+        self.apply_format(cfg.format)?;
         self.fs.set_keys(keys);
         *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.kms) = Kms { cfg, provider };
@@ -365,6 +400,7 @@ impl Shared {
             mountpoint: self.mountpoint.clone(),
             backing: self.backing.clone(),
             volume_id: self.volume_id.clone(),
+            format: self.fs.write_format().number(),
             pid: std::process::id(),
             kms_provider,
             key,
@@ -402,6 +438,8 @@ pub struct Status {
     pub mountpoint: PathBuf,
     pub backing: PathBuf,
     pub volume_id: String,
+    /// The format new files are written in.
+    pub format: u16,
     pub pid: u32,
     pub kms_provider: &'static str,
     pub key: String,

@@ -3,6 +3,7 @@
 //! adapter (src/fuse) calls these methods and replies.
 
 pub mod backing;
+pub mod census;
 mod dir;
 mod error;
 mod file;

@@ -185,6 +185,44 @@ impl VolumeConfig {
         Ok(deks)
     }
 
+    /// Make the volume write `format` from now on (`earfs upgrade`): earfs.conf is
+    /// rewritten atomically under a new MAC. Files keep the format their header names
+    /// (docs/file-format.md). `deks` are the volume's keys from [`Self::unlock`].
+    /// Returns whether anything changed; a volume is never moved to an older format.
+    pub fn upgrade(
+        &mut self,
+        backing: &Path,
+        deks: &[(u32, Dek)],
+        format: u32,
+    ) -> Result<bool, VolumeError> {
+        let path = config_path(backing);
+        if !FORMATS.contains(&format) {
+            return Err(VolumeError::BadConfig {
+                path,
+                reason: format!("unknown format {format} (known: {FORMATS:?})"),
+            });
+        }
+        if format < self.format {
+            return Err(VolumeError::BadConfig {
+                path,
+                reason: format!(
+                    "the volume writes format {}; it is not moved back to format {format}",
+                    self.format
+                ),
+            });
+        }
+        if format == self.format {
+            return Ok(false);
+        }
+        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let mut next = self.clone();
+        next.format = format;
+        next.seal(current);
+        next.save(backing)?;
+        *self = next;
+        Ok(true)
+    }
+
     /// The current wrapped key, decoded.
     pub fn current_wrapped(&self, backing: &Path) -> Result<Vec<u8>, VolumeError> {
         let bad = |reason: String| VolumeError::BadConfig {
@@ -576,5 +614,42 @@ mod tests {
             JoinSource::read(&export),
             Err(VolumeError::BadConfig { .. })
         ));
+    }
+
+    #[test]
+    fn upgrade_rewrites_the_format_under_a_new_mac_and_never_goes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        create_key_file(&key).unwrap();
+        let prov = LocalProvider::open(&key).unwrap();
+        let spec = ProviderSpec::Local { key_file: key };
+        let b = d.path().join("v");
+        let mut cfg = create(&b, spec, &prov, 1).unwrap();
+        let deks = cfg.unlock(&b, &prov).unwrap();
+        let before = fs::read_to_string(config_path(&b)).unwrap();
+        assert!(cfg.upgrade(&b, &deks, 2).unwrap());
+        let after = VolumeConfig::load(&b).unwrap();
+        assert_eq!(after.format, 2);
+        assert_eq!(after, cfg);
+        assert_ne!(fs::read_to_string(config_path(&b)).unwrap(), before);
+        // The new config authenticates; the old MAC would not.
+        after.unlock(&b, &prov).unwrap();
+        let mut forged = after.clone();
+        forged.format = 1;
+        forged.save(&b).unwrap();
+        assert!(matches!(
+            VolumeConfig::load(&b).unwrap().unlock(&b, &prov),
+            Err(VolumeError::ConfigMac(_))
+        ));
+        cfg.save(&b).unwrap();
+        // Again: nothing to do. Back, or to an unknown format: refused, file unchanged.
+        assert!(!cfg.upgrade(&b, &deks, 2).unwrap());
+        let text = fs::read_to_string(config_path(&b)).unwrap();
+        for to in [1, 3] {
+            let e = cfg.upgrade(&b, &deks, to).unwrap_err();
+            assert!(matches!(e, VolumeError::BadConfig { .. }), "{e}");
+        }
+        assert_eq!(fs::read_to_string(config_path(&b)).unwrap(), text);
+        assert!(!b.join(CONFIG_TMP_NAME).exists());
     }
 }

@@ -37,7 +37,12 @@ pub fn backing_len(size: u64) -> u64 {
 /// EARFS_TEST_FORMAT=1 the volume is created in format 1 (the suite then checks that v1
 /// volumes keep working).
 pub fn init_local(key: &Path, backing: &Path) {
-    let format = test_format().number().to_string();
+    init_local_in(key, backing, test_format());
+}
+
+/// `earfs init --kms local --format-version FORMAT --key-file KEY BACKING`.
+pub fn init_local_in(key: &Path, backing: &Path, format: earfs::content::FileFormat) {
+    let format = format.number().to_string();
     let out = run(&[
         "init",
         "--kms",
@@ -133,6 +138,11 @@ pub struct Volume {
 
 impl Volume {
     pub fn new() -> Volume {
+        Volume::in_format(test_format())
+    }
+
+    /// A volume that writes `format`, whatever EARFS_TEST_FORMAT says.
+    pub fn in_format(format: earfs::content::FileFormat) -> Volume {
         let dir = tempfile::Builder::new()
             .prefix("earfs-test-")
             .tempdir()
@@ -145,9 +155,11 @@ impl Volume {
         // EARFS_TEST_KMS=aws|gcp runs the whole suite on a volume whose key is in a
         // (fake) KMS; otherwise the local key file.
         match kms::suite_init_args() {
-            None => init_local(&key, &backing),
+            None => init_local_in(&key, &backing, format),
             Some(mut args) => {
                 args.insert(0, "init".into());
+                args.push("--format-version".into());
+                args.push(format.number().to_string());
                 args.push(backing.to_str().unwrap().into());
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let out = run(&args);
