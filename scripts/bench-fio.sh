@@ -67,7 +67,7 @@ for j in "${jobs[@]}"; do
     iops=$(jq '[.jobs[0].read.iops, .jobs[0].write.iops] | add | floor' "$f")
     [[ -z "$base" ]] && base="$bw"
     ratio=$(awk -v a="$bw" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-    row="$row $(awk -v x="$bw" 'BEGIN { printf "%.1f MB/s", x / 1e6 }') ($iops IOPS, ${ratio}×) |"
+    row="$row $(awk -v x="$bw" 'BEGIN { if (x >= 1e7) printf "%.1f MB/s", x / 1e6; else printf "%.0f kB/s", x / 1e3 }') ($iops IOPS, ${ratio}×) |"
   done
   echo "$row"
 done
