@@ -929,3 +929,34 @@ fn kms_check_needs_a_volume_or_a_key() {
         "{err}"
     );
 }
+
+#[test]
+fn kms_check_of_a_volume_verifies_its_config_mac_and_info_says_it_did_not() {
+    let d = Dir::new();
+    let b = d.p("backing");
+    init_local(&d.p("key"), &b);
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 0, "{v}");
+    let rows = check_results(&v);
+    assert_eq!(rows.last(), Some(&("earfs.conf".to_string(), true)), "{v}");
+    // info reads earfs.conf without the key, and says so.
+    let out = ok(&["info", s(&b)]);
+    assert!(out.contains("authenticated: no"), "{out}");
+    let v: Value = serde_json::from_str(&ok(&["info", "--json", s(&b)])).unwrap();
+    assert_eq!(v["authenticated"], false, "{v}");
+    // An edit that keeps the file valid but breaks its MAC: exit 15, as a mount would.
+    let conf = b.join("earfs.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    let id = conf_value(&b)["volume_id"].as_str().unwrap().to_string();
+    fs::write(
+        &conf,
+        text.replace(&id, "00000000-0000-4000-8000-000000000000"),
+    )
+    .unwrap();
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 15, "{v}");
+    assert_eq!(failed_checks(&v), ["earfs.conf"], "{v}");
+    let (c, out, err) = earfs_out(&["kms-check", s(&b)]);
+    assert_eq!(c, 15, "{out}{err}");
+    assert!(out.contains("does not authenticate"), "{out}");
+}

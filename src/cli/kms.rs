@@ -238,8 +238,13 @@ pub(super) fn check(args: &KmsArgs, json: bool, backing: Option<&Path>) -> Resul
             .filter(|c| !c.ok)
             .map(|c| c.permission)
             .collect();
+        let code = if failed == [MAC_ROW] {
+            exit::CONFIG_TAMPERED
+        } else {
+            exit::KMS_CHECK_FAILED
+        };
         Err(Failure::new(
-            exit::KMS_CHECK_FAILED,
+            code,
             format!(
                 "{} of {} checks failed: {}",
                 failed.len(),
@@ -267,7 +272,11 @@ fn run_check(
             let wrapped = cfg.current_wrapped(b)?;
             let spec = node_spec(args, &cfg.kms)?;
             let provider = spec.open(r)?;
-            let checks = provider.check(&cfg.keyring.id, Some(&wrapped));
+            let mut checks = provider.check(&cfg.keyring.id, Some(&wrapped));
+            // What a mount checks next: the config's MAC under the unwrapped data key.
+            if checks.iter().all(|c| c.ok) {
+                checks.push(mac_check(&cfg, b, provider.as_ref())?);
+            }
             Ok((spec, checks))
         }
         None => {
@@ -281,6 +290,34 @@ fn run_check(
             Ok((spec, checks))
         }
     }
+}
+
+/// The row of the `earfs.conf` MAC check.
+const MAC_ROW: &str = "earfs.conf";
+
+/// Unwrap every key version and verify the config's MAC, as a mount does.
+fn mac_check(
+    cfg: &VolumeConfig,
+    backing: &Path,
+    provider: &dyn KeyProvider,
+) -> Result<PermissionCheck, Failure> {
+    let (ok, detail) = match cfg.unlock(backing, provider) {
+        Ok(deks) => (
+            true,
+            format!("authenticates ({} key version(s) unwrapped)", deks.len()),
+        ),
+        Err(volume::VolumeError::ConfigMac(_)) => (
+            false,
+            "does not authenticate: changed since earfs wrote it, or not this keyring's".into(),
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(PermissionCheck {
+        permission: MAC_ROW,
+        operation: "HMAC-SHA256",
+        ok,
+        detail,
+    })
 }
 
 fn print_table(spec: &ProviderSpec, checks: &[PermissionCheck]) {

@@ -322,6 +322,7 @@ fn info(json: bool, files: bool, backing: PathBuf) -> Result<(), Failure> {
             "key_versions": versions,
             "current_key_version": cfg.keyring.current,
             "aes_implementation": aes,
+            "authenticated": false,
             "files": census.as_ref().map(files::census_json),
         });
         println!("{v:#}");
@@ -344,6 +345,10 @@ fn info(json: bool, files: bool, backing: PathBuf) -> Result<(), Failure> {
             versions, cfg.keyring.current
         );
         println!("AES kernel:    {aes}");
+        println!(
+            "authenticated: no (read without the key; `earfs kms-check {}` verifies earfs.conf)",
+            backing.display()
+        );
         if let Some(c) = &census {
             files::print_census(c, "");
         }
