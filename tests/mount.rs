@@ -1296,3 +1296,94 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
     assert_eq!(header_version(&m.backing("fresh")), 2);
     assert_eq!(header_version(&m.backing("old")), 1);
 }
+
+/// The key version a backing file's header names (bytes 12..16).
+fn header_key_version(path: &std::path::Path) -> u32 {
+    let h = fs::read(path).unwrap();
+    u32::from_le_bytes([h[12], h[13], h[14], h[15]])
+}
+
+#[test]
+fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading() {
+    let vol = Volume::new();
+    let backing = vol.backing.to_str().unwrap();
+    let conf = vol.backing.join("earfs.conf");
+    let before_rotation = fs::read(&conf).unwrap();
+    {
+        let m = vol.mount(&[]);
+        fs::write(m.path("one"), b"under version 1").unwrap();
+        let out = run(&["rotate", backing]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("version 2 is current (was 1; through the running daemon)"),
+            "{said}"
+        );
+        // Through the same mount: new files take version 2 at once; truncating an old
+        // file to zero gives it a new header of version 2; old files keep reading.
+        fs::write(m.path("two"), b"under version 2").unwrap();
+        fs::write(m.path("again"), b"x").unwrap();
+        assert_eq!(header_key_version(&m.backing("one")), 1);
+        assert_eq!(header_key_version(&m.backing("two")), 2);
+        fs::write(m.path("one-copy"), fs::read(m.path("one")).unwrap()).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path("again"))
+            .unwrap();
+        fs::write(m.path("again"), b"y").unwrap();
+        assert_eq!(header_key_version(&m.backing("again")), 2);
+        assert_eq!(fs::read(m.path("one")).unwrap(), b"under version 1");
+        let out = run(&["status", "--json", vol.mnt.to_str().unwrap()]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["key_versions"], serde_json::json!([1, 2]), "{st}");
+        assert_eq!(st["current_key_version"], 2, "{st}");
+    }
+    // Not mounted: version 3.
+    let out = run(&["rotate", backing]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("version 3 is current (was 2; not mounted")
+    );
+    let out = run(&["keys", "--json", backing]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(k["current"], 3, "{k}");
+    let per: Vec<(u64, u64)> = k["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["files"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(per, [(1, 1), (2, 3), (3, 0)], "{k}");
+    {
+        let m = vol.mount(&[]);
+        assert_eq!(fs::read(m.path("one")).unwrap(), b"under version 1");
+        assert_eq!(fs::read(m.path("two")).unwrap(), b"under version 2");
+        fs::write(m.path("three"), b"under version 3").unwrap();
+        assert_eq!(header_key_version(&m.backing("three")), 3);
+    }
+    // A keyring that lacks a version (here: the config from before the rotations)
+    // cannot read files written under it: EIO and a log line naming the version, never
+    // garbage; files of the versions it holds keep reading.
+    fs::write(&conf, &before_rotation).unwrap();
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("one")).unwrap(), b"under version 1");
+    let e = fs::read(m.path("two")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    drop(m);
+    let log = vol.log_text();
+    assert!(log.contains("key version 2"), "{log}");
+}

@@ -1,96 +1,14 @@
-//! `earfs upgrade BACKING`, and the file census that `info --files` and
-//! `status --files` print.
+//! The file census that `info --files`, `status --files` and `keys` print.
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::Value;
 
-use super::kms::retry;
 use crate::content::FileFormat;
-use crate::daemon::control::{request, request_status, sockets};
-use crate::daemon::{self, Failure, exit};
+use crate::daemon::{Failure, exit};
 use crate::fs::census::{Census, census};
-use crate::volume::{NEW_VOLUME_FORMAT, VolumeConfig};
-
-/// Make the volume in `backing` write the newest format: offline when no daemon holds
-/// it, else through the daemon that does.
-pub(super) fn upgrade(backing: &Path, deadline: u64) -> Result<(), Failure> {
-    let retry = retry(deadline)?;
-    let backing = std::fs::canonicalize(backing)
-        .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))?;
-    let cfg = VolumeConfig::load(&backing)?;
-    let id = cfg.volume_id.clone();
-    if cfg.format >= NEW_VOLUME_FORMAT {
-        println!(
-            "volume {} already writes format {}; nothing to do",
-            cfg.volume_id, cfg.format
-        );
-        return Ok(());
-    }
-    let (from, to, how) = match daemon::try_lock_volume(&backing)? {
-        Some(_lock) => {
-            daemon::protect_key_material();
-            let mut cfg = cfg;
-            let provider = cfg.kms.open(retry)?;
-            let deks = cfg.unlock(&backing, provider.as_ref())?;
-            let from = cfg.format;
-            cfg.upgrade(&backing, &deks, NEW_VOLUME_FORMAT)?;
-            (
-                from,
-                cfg.format,
-                "not mounted: earfs.conf rewritten".to_string(),
-            )
-        }
-        None => {
-            let sock = daemon_of(&backing)?;
-            // The daemon unwraps the keys through the KMS: allow its deadline.
-            let v = request(&sock, "upgrade", retry.deadline + Duration::from_secs(10)).map_err(
-                |e| {
-                    Failure::new(
-                        exit::FAILURE,
-                        format!(
-                            "the daemon serving {} did not upgrade: {e}",
-                            backing.display()
-                        ),
-                    )
-                },
-            )?;
-            let n = |k: &str| v[k].as_u64().unwrap_or(0) as u32;
-            (
-                n("from"),
-                n("format"),
-                "through the running daemon".to_string(),
-            )
-        }
-    };
-    println!("volume {id} now writes format {to} (was {from}; {how})");
-    println!(
-        "files keep their format: a v1 file whose size is a multiple of 16 becomes v2 at its next write; other v1 files stay v1 until truncated to zero or replaced (see `earfs info --files {}`)",
-        backing.display()
-    );
-    Ok(())
-}
-
-/// The control socket of the daemon that serves `backing` (canonical path).
-fn daemon_of(backing: &Path) -> Result<std::path::PathBuf, Failure> {
-    let socks = sockets().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
-    for s in socks {
-        if let Ok(v) = request_status(&s)
-            && v["backing"].as_str() == backing.to_str()
-        {
-            return Ok(s);
-        }
-    }
-    Err(Failure::new(
-        exit::VOLUME_IN_USE,
-        format!(
-            "volume {} is held by a process that does not answer on a control socket (run as root, or unmount it and run earfs upgrade again)",
-            backing.display()
-        ),
-    ))
-}
+use crate::volume::VolumeConfig;
 
 /// Count the files of `backing`, showing progress on a terminal.
 pub(super) fn count_files(backing: &Path) -> Result<Census, Failure> {
@@ -146,4 +64,66 @@ pub(super) fn print_census(c: &Census, pad: &str) {
             println!("{pad}    {}: {why}", p.display());
         }
     }
+}
+
+/// `earfs keys BACKING`: the key versions, which is current, the CMK that wraps them,
+/// and how many files use each (from the headers; no key needed).
+pub(super) fn keys(backing: &Path, json: bool) -> Result<(), Failure> {
+    let cfg = VolumeConfig::load(backing)?;
+    let c = count_files(backing)?;
+    let files = |v: u32| c.key_versions.get(&v.to_string()).copied().unwrap_or(0);
+    let mut versions: Vec<u32> = cfg.keyring.keys.iter().map(|k| k.version).collect();
+    versions.sort_unstable();
+    // Files that name a version the keyring lacks cannot be read on this node.
+    let unknown: Vec<(&String, &u64)> = c
+        .key_versions
+        .iter()
+        .filter(|(v, _)| !versions.iter().any(|k| k.to_string() == **v))
+        .collect();
+    if json {
+        let v = serde_json::json!({
+            "volume_id": cfg.volume_id,
+            "keyring_id": cfg.keyring.id,
+            "kms": cfg.kms.name(),
+            "key": cfg.kms.key_reference(),
+            "current": cfg.keyring.current,
+            "versions": versions.iter().map(|&v| serde_json::json!({
+                "version": v,
+                "current": v == cfg.keyring.current,
+                "files": files(v),
+            })).collect::<Vec<_>>(),
+            "files_under_unknown_versions": unknown.iter().map(|(v, n)| (v.to_string(), **n)).collect::<std::collections::BTreeMap<_, _>>(),
+            "files": census_json(&c),
+            "authenticated": false,
+        });
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!("volume:       {}", cfg.volume_id);
+    println!("keyring:      {}", cfg.keyring.id);
+    println!(
+        "wrapped by:   {} ({})",
+        cfg.kms.name(),
+        cfg.kms.key_reference()
+    );
+    println!("VERSION  CURRENT  FILES");
+    for v in &versions {
+        println!(
+            "{v:>7}  {:<7}  {}",
+            if *v == cfg.keyring.current { "yes" } else { "" },
+            files(*v)
+        );
+    }
+    for (v, n) in &unknown {
+        println!(
+            "{v:>7}  missing  {n} (this keyring lacks version {v}: those files cannot be read here; import the cluster's keyring)"
+        );
+    }
+    if c.empty + c.no_header > 0 {
+        println!(
+            "({} files have no header yet; they take the current version at their first write)",
+            c.empty + c.no_header
+        );
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use crate::daemon::{self, Failure, exit};
 use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry, create_key_file};
 use crate::volume::{self, VolumeConfig};
 
+mod change;
 mod files;
 mod kms;
 mod mount;
@@ -154,6 +155,30 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Make a new data key version, current from now on (new files and files truncated
+    /// to zero use it); files written under older versions keep theirs.
+    ///
+    /// The new key is made and wrapped by the volume's KMS key, bound to the keyring id,
+    /// and earfs.conf is rewritten atomically under a MAC made with it. Runs on an
+    /// unmounted volume, or on a mounted one through its daemon (as root), which
+    /// switches at once. Other nodes of a cluster need the new keyring
+    /// (`earfs export-keyring`).
+    Rotate {
+        /// Seconds that the KMS may take (see mount --kms-deadline).
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
+    /// Show the key versions, which is current, the KMS key that wraps them, and how
+    /// many files use each (read from the file headers; no key needed).
+    Keys {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
     /// Show a volume: id, format, cipher, sector size, key provider, key versions, AES
     /// kernel; with --files, how many files it holds of each format and key version.
     Info {
@@ -218,7 +243,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Upgrade {
             kms_deadline,
             backing,
-        } => files::upgrade(&backing, kms_deadline),
+        } => change::upgrade(&backing, kms_deadline),
+        Command::Rotate {
+            kms_deadline,
+            backing,
+        } => change::rotate(&backing, kms_deadline),
+        Command::Keys { json, backing } => files::keys(&backing, json),
         Command::Info {
             json,
             files,

@@ -3,8 +3,8 @@
 //! One socket per mount in the runtime directory (`/run/earfs`, mode 0700; the socket
 //! 0600), named after a hash of the mountpoint. Only root may use it: the peer's
 //! credentials are checked on every connection. The protocol is one request line
-//! (`status`, or `upgrade`: make the volume write the newest format) and one JSON
-//! reply.
+//! (`status`; `upgrade`: make the volume write the newest format; `rotate`: a new
+//! current data key version) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -86,7 +86,11 @@ fn answer(shared: &Shared, conn: UnixStream) {
     let reply = match line.trim() {
         "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
         "upgrade" => match shared.upgrade() {
-            Ok((from, to)) => serde_json::json!({ "from": from, "format": to }).to_string(),
+            Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
+        "rotate" => match shared.rotate() {
+            Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
             Err(e) => serde_json::json!({ "error": e }).to_string(),
         },
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
@@ -99,7 +103,7 @@ pub fn request_status(socket: &Path) -> std::io::Result<serde_json::Value> {
     request(socket, "status", Duration::from_secs(10))
 }
 
-/// Send `what` (`status`, `upgrade`) to the daemon behind `socket` and return its JSON
+/// Send `what` (`status`, `upgrade`, `rotate`) to the daemon behind `socket` and return its JSON
 /// reply; a reply that names an error is an error (`PermissionDenied` for a refusal,
 /// `Other` for a failed request).
 pub fn request(socket: &Path, what: &str, timeout: Duration) -> std::io::Result<serde_json::Value> {

@@ -287,36 +287,84 @@ impl Shared {
     }
 
     /// `earfs upgrade` through the control socket: make the volume write the newest
-    /// format (earfs.conf rewritten under a new MAC, with the keys unwrapped through the
-    /// KMS), then switch the running file system: every file created or truncated to
-    /// zero from now on is in that format. Returns the formats before and after.
+    /// format; every file created or truncated to zero from now on is in that format.
+    /// Returns the formats before and after.
     pub fn upgrade(&self) -> Result<(u32, u32), String> {
-        let mut k = lock(&self.kms);
-        let mut cfg = VolumeConfig::load(&self.backing).map_err(|e| e.to_string())?;
-        let deks = cfg
-            .unlock(&self.backing, k.provider.as_ref())
-            .map_err(|e| e.to_string())?;
-        let from = cfg.format;
-        cfg.upgrade(&self.backing, &deks, NEW_VOLUME_FORMAT)
-            .map_err(|e| e.to_string())?;
-        self.apply_format(cfg.format)?;
-        if cfg.format != from {
-            log::info!(
-                "upgraded volume {} from format {from} to {}: new files are written in format {}",
-                cfg.volume_id,
-                cfg.format,
-                cfg.format
-            );
-        }
-        let to = cfg.format;
-        k.cfg = cfg;
-        Ok((from, to))
+        self.change("upgrade", |cfg, _, deks, backing| {
+            let from = cfg.format;
+            cfg.upgrade(backing, deks, NEW_VOLUME_FORMAT)?;
+            Ok((from, cfg.format))
+        })
     }
 
-    fn apply_format(&self, n: u32) -> Result<(), String> {
-        let f = FileFormat::from_number(u64::from(n))
-            .ok_or_else(|| format!("unknown volume format {n}"))?;
-        self.fs.set_write_format(f);
+    /// `earfs rotate` through the control socket: a new data key version, current at
+    /// once (new files and files truncated to zero use it); older versions keep
+    /// reading. Returns the current version before and after.
+    pub fn rotate(&self) -> Result<(u32, u32), String> {
+        self.change("rotate", |cfg, provider, deks, backing| {
+            let from = cfg.keyring.current;
+            let to = cfg.rotate(backing, provider, deks)?;
+            Ok((from, to))
+        })
+    }
+
+    /// Change `earfs.conf` with `f` (which saves it) under the KMS lock, with the keys
+    /// unwrapped through the KMS and the MAC checked first, then install the result:
+    /// keys, current version and write format switch at once, as at a reload.
+    fn change<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(
+            &mut VolumeConfig,
+            &dyn KeyProvider,
+            &mut Vec<(u32, crate::crypto::Dek)>,
+            &std::path::Path,
+        ) -> Result<T, crate::volume::VolumeError>,
+    ) -> Result<T, String> {
+        let mut k = lock(&self.kms);
+        let mut cfg = VolumeConfig::load(&self.backing).map_err(|e| e.to_string())?;
+        let mut deks = cfg
+            .unlock(&self.backing, k.provider.as_ref())
+            .map_err(|e| e.to_string())?;
+        let out = f(&mut cfg, k.provider.as_ref(), &mut deks, &self.backing)
+            .map_err(|e| e.to_string())?;
+        self.install(&cfg, deks)?;
+        log::info!(
+            "{what}: volume {} writes format {}, key versions {:?} (current {})",
+            cfg.volume_id,
+            cfg.format,
+            cfg.keyring
+                .keys
+                .iter()
+                .map(|k| k.version)
+                .collect::<Vec<_>>(),
+            cfg.keyring.current
+        );
+        k.cfg = cfg;
+        drop(k);
+        self.record(true, format!("ok ({what})"), false);
+        Ok(out)
+    }
+
+    /// Install keys unwrapped from `cfg` and its write format, and clear a revocation
+    /// (the KMS just unwrapped every key).
+    fn install(
+        &self,
+        cfg: &VolumeConfig,
+        deks: Vec<(u32, crate::crypto::Dek)>,
+    ) -> Result<(), String> {
+        let format = FileFormat::from_number(u64::from(cfg.format))
+            .ok_or_else(|| format!("unknown volume format {}", cfg.format))?;
+        let keys = Keyring::new(deks, cfg.keyring.current)
+            .ok_or("the current key version is missing from the keyring")?;
+        self.fs.set_write_format(format);
+        self.fs.set_keys(keys);
+        *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
+        *lock(&self.revocation) = Revocation {
+            state: "ok",
+            ..Revocation::default()
+        };
+        *lock(&self.last_success) = Some(now_unix());
         Ok(())
     }
 
@@ -369,19 +417,10 @@ impl Shared {
         let deks = cfg
             .unlock(&self.backing, provider.as_ref())
             .map_err(|e| e.to_string())?;
-        let keys = Keyring::new(deks, cfg.keyring.current)
-            .ok_or("the current key version is missing from the keyring")?;
-        let versions = keys.versions();
-        self.apply_format(cfg.format)?;
-        self.fs.set_keys(keys);
-        *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
+        let versions: Vec<u32> = deks.iter().map(|(v, _)| *v).collect();
+        self.install(&cfg, deks)?;
         *lock(&self.kms) = Kms { cfg, provider };
-        *lock(&self.revocation) = Revocation {
-            state: "ok",
-            ..Revocation::default()
-        };
         self.record(true, "ok (reloaded)".into(), false);
-        *lock(&self.last_success) = Some(now_unix());
         self.wake();
         log::info!("reloaded: key versions {versions:?}");
         Ok(())

@@ -223,6 +223,43 @@ impl VolumeConfig {
         Ok(true)
     }
 
+    /// Add a data key version made by `provider` and make it current (`earfs rotate`):
+    /// earfs.conf is rewritten atomically, sealed with the new key. Older versions stay,
+    /// so files written under them keep reading. `deks` are the volume's keys from
+    /// [`Self::unlock`]; the new one is added to them. Returns the new version.
+    pub fn rotate(
+        &mut self,
+        backing: &Path,
+        provider: &dyn KeyProvider,
+        deks: &mut Vec<(u32, Dek)>,
+    ) -> Result<u32, VolumeError> {
+        let path = config_path(backing);
+        let version = self
+            .keyring
+            .keys
+            .iter()
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| VolumeError::BadConfig {
+                path: path.clone(),
+                reason: "no key version is left after u32::MAX".into(),
+            })?;
+        let (dek, wrapped) = generate_checked(provider, &self.keyring.id, &self.kms)?;
+        let mut next = self.clone();
+        next.keyring.keys.push(WrappedKey {
+            version,
+            wrapped: B64.encode(&wrapped),
+        });
+        next.keyring.current = version;
+        next.seal(&dek);
+        next.save(backing)?;
+        *self = next;
+        deks.push((version, dek));
+        Ok(version)
+    }
+
     /// The current wrapped key, decoded.
     pub fn current_wrapped(&self, backing: &Path) -> Result<Vec<u8>, VolumeError> {
         let bad = |reason: String| VolumeError::BadConfig {
@@ -335,12 +372,7 @@ pub fn create(
         });
     }
     let keyring_id = uuid::Uuid::new_v4().to_string();
-    let (dek, wrapped) = provider.generate(&keyring_id)?;
-    // Prove the round trip before anything is written.
-    let back = provider.unwrap(&wrapped, &keyring_id)?;
-    if back.expose() != dek.expose() {
-        return Err(VolumeError::Kms(KmsError::WrongKey(spec.key_reference())));
-    }
+    let (dek, wrapped) = generate_checked(provider, &keyring_id, &spec)?;
     let keyring = StoredKeyring {
         id: keyring_id,
         current: 1,
@@ -472,6 +504,21 @@ impl JoinSource {
             }
         }
     }
+}
+
+/// A new data key bound to `keyring_id` and its wrapping, unwrapped once again to prove
+/// the round trip before anything is written.
+fn generate_checked(
+    provider: &dyn KeyProvider,
+    keyring_id: &str,
+    spec: &ProviderSpec,
+) -> Result<(Dek, Vec<u8>), VolumeError> {
+    let (dek, wrapped) = provider.generate(keyring_id)?;
+    let back = provider.unwrap(&wrapped, keyring_id)?;
+    if back.expose() != dek.expose() {
+        return Err(VolumeError::Kms(KmsError::WrongKey(spec.key_reference())));
+    }
+    Ok((dek, wrapped))
 }
 
 /// The data key of `version` among unwrapped keys.
@@ -651,5 +698,39 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(config_path(&b)).unwrap(), text);
         assert!(!b.join(CONFIG_TMP_NAME).exists());
+    }
+
+    #[test]
+    fn rotate_adds_a_current_version_sealed_with_it_and_keeps_the_old_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        create_key_file(&key).unwrap();
+        let prov = LocalProvider::open(&key).unwrap();
+        let spec = ProviderSpec::Local { key_file: key };
+        let b = d.path().join("v");
+        let mut cfg = create(&b, spec, &prov, NEW_VOLUME_FORMAT).unwrap();
+        let mut deks = cfg.unlock(&b, &prov).unwrap();
+        let first = deks[0].1.expose().to_vec();
+        assert_eq!(cfg.rotate(&b, &prov, &mut deks).unwrap(), 2);
+        assert_eq!(cfg.rotate(&b, &prov, &mut deks).unwrap(), 3);
+        let back = VolumeConfig::load(&b).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(back.keyring.current, 3);
+        let again = back.unlock(&b, &prov).unwrap();
+        let versions: Vec<u32> = again.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(again[0].1.expose().as_slice(), first.as_slice());
+        assert_ne!(again[2].1.expose(), again[1].1.expose());
+        for ((v, a), (w, b)) in again.iter().zip(&deks) {
+            assert_eq!((v, a.expose()), (w, b.expose()));
+        }
+        // Sealed with version 3: with version 3's wrapping swapped for version 1's, it no
+        // longer authenticates.
+        let mut forged = back.clone();
+        forged.keyring.keys[2].wrapped = forged.keyring.keys[0].wrapped.clone();
+        assert!(matches!(
+            forged.unlock(&b, &prov),
+            Err(VolumeError::ConfigMac(_))
+        ));
     }
 }
