@@ -96,6 +96,7 @@ fn ino_of(fd: impl AsFd) -> u64 {
 impl Recorder for Rec {
     fn record(&self, op: &Op<'_>) {
         let ev = match op {
+            Op::Read { .. } => return, // changes nothing
             Op::Write { fd, off, data } => Ev::Write {
                 ino: ino_of(fd),
                 off: *off,

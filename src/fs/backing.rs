@@ -2,8 +2,12 @@
 //! layer goes through here, so that a test can record them: the crash-state explorer
 //! (`tests/crash.rs`) rebuilds from a recording the states a power cut can leave.
 //!
-//! A recorder is set per thread and only by tests; the daemon never sets one, and
-//! then each call costs one thread-local flag check.
+//! Reads go through here too (recorded as [`Op::Read`]), so that a test can see which
+//! descriptor and offsets a read used.
+//!
+//! A recorder, and an injected write failure ([`fail_thread_write`]), are set per thread
+//! and only by tests; the daemon never sets either, and then each call costs one
+//! thread-local flag check.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
@@ -20,6 +24,13 @@ use super::error::{FsError, FsResult};
 /// One backing call that succeeded (a pwrite may be recorded in several parts).
 #[derive(Debug)]
 pub enum Op<'a> {
+    /// `pread(fd, len, off)` that returned `got` bytes (changes nothing).
+    Read {
+        fd: BorrowedFd<'a>,
+        off: u64,
+        len: usize,
+        got: usize,
+    },
     /// `pwrite(fd, data, off)`.
     Write {
         fd: BorrowedFd<'a>,
@@ -64,20 +75,70 @@ pub trait Recorder {
     fn record(&self, op: &Op<'_>);
 }
 
+/// An injected failure of one `pwrite_all` (see [`fail_thread_write`]).
+#[derive(Clone, Copy)]
+struct WriteFault {
+    /// `pwrite_all` calls to let through before the failing one.
+    skip: u32,
+    /// Bytes the failing call really writes before it fails.
+    partial: usize,
+}
+
+/// Bits of `HOOKS`.
+const RECORDING: u8 = 1;
+const FAULT: u8 = 2;
+
 thread_local! {
-    static ON: Cell<bool> = const { Cell::new(false) };
+    /// Which test hooks this thread has on (0 in the daemon): one check per call.
+    static HOOKS: Cell<u8> = const { Cell::new(0) };
     static RECORDER: RefCell<Option<Rc<dyn Recorder>>> = const { RefCell::new(None) };
+    static WRITE_FAULT: Cell<Option<WriteFault>> = const { Cell::new(None) };
+}
+
+fn set_hook(bit: u8, on: bool) {
+    HOOKS.with(|h| h.set(if on { h.get() | bit } else { h.get() & !bit }));
+}
+
+#[inline]
+fn hooked(bit: u8) -> bool {
+    HOOKS.with(|h| h.get() & bit != 0)
 }
 
 /// Record this thread's backing calls with `r` (`None`: stop recording). For tests.
 pub fn set_thread_recorder(r: Option<Rc<dyn Recorder>>) {
-    ON.with(|on| on.set(r.is_some()));
+    set_hook(RECORDING, r.is_some());
     RECORDER.with(|cell| *cell.borrow_mut() = r);
+}
+
+/// Make the `nth` (from 1) `pwrite_all` of this thread from now on write only its
+/// first `partial` bytes (fewer if it has fewer) and then fail with ENOSPC, as a
+/// copy-on-write backing filesystem can after `fallocate` reserved the space. Later
+/// calls succeed again. `nth == 0` cancels a pending failure. For tests.
+pub fn fail_thread_write(nth: u32, partial: usize) {
+    let fault = nth.checked_sub(1).map(|skip| WriteFault { skip, partial });
+    WRITE_FAULT.with(|f| f.set(fault));
+    set_hook(FAULT, fault.is_some());
+}
+
+/// Whether this `pwrite_all` is the one to fail; if so, how many bytes it writes first.
+fn injected_failure() -> Option<usize> {
+    let fault = WRITE_FAULT.with(|f| f.get())?;
+    if fault.skip > 0 {
+        WRITE_FAULT.with(|f| {
+            f.set(Some(WriteFault {
+                skip: fault.skip - 1,
+                ..fault
+            }))
+        });
+        return None;
+    }
+    fail_thread_write(0, 0);
+    Some(fault.partial)
 }
 
 #[inline]
 pub(super) fn note(make: impl FnOnce(&dyn Recorder)) {
-    if ON.with(|on| on.get()) {
+    if hooked(RECORDING) {
         RECORDER.with(|cell| {
             if let Some(r) = cell.borrow().as_ref() {
                 make(r.as_ref());
@@ -88,6 +149,12 @@ pub(super) fn note(make: impl FnOnce(&dyn Recorder)) {
 
 /// pwrite all of `buf` or fail with the errno of the failing call.
 pub(super) fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
+    if hooked(FAULT)
+        && let Some(partial) = injected_failure()
+    {
+        pwrite_all(f, &buf[..partial.min(buf.len())], off)?;
+        return Err(FsError::Os(Errno::NOSPC));
+    }
     let mut done = 0;
     while done < buf.len() {
         match f.write_at(&buf[done..], off + done as u64) {
@@ -107,6 +174,46 @@ pub(super) fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
         }
     }
     Ok(())
+}
+
+/// One pread; records what it returned.
+fn pread_once(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let n = f.read_at(buf, off)?;
+    note(|r| {
+        r.record(&Op::Read {
+            fd: f.as_fd(),
+            off,
+            len: buf.len(),
+            got: n,
+        })
+    });
+    Ok(n)
+}
+
+/// pread until `buf` is full or end of file; returns the bytes read.
+pub(super) fn pread_full(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match pread_once(f, &mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+/// One O_DIRECT pread of an aligned range: a short read is the end of the file (a
+/// second read would start at an unaligned offset and fail with EINVAL).
+pub(super) fn pread_direct(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
+    loop {
+        match pread_once(f, buf, off) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 pub(super) fn ftruncate(f: &File, len: u64) -> Result<(), Errno> {
