@@ -358,10 +358,16 @@ fn modes_are_the_callers_after_its_umask_only() {
 }
 
 #[test]
-fn unprivileged_write_and_truncate_clear_set_id_bits() {
+fn unprivileged_write_truncate_and_fallocate_clear_set_id_bits() {
     let vol = Volume::new();
     let m = vol.mount_for_others();
-    for (name, op) in [("w", "printf x >> {}"), ("t", "truncate -s 1 {}")] {
+    // The kernel sends fallocate without a kill flag: the daemon clears them itself.
+    for (name, op) in [
+        ("w", "printf x >> {}"),
+        ("t", "truncate -s 1 {}"),
+        ("f", "fallocate -l 8192 {}"),
+        ("k", "fallocate -n -l 8192 {}"),
+    ] {
         let p = m.path(name);
         fs::write(&p, b"data").unwrap();
         std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();

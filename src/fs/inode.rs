@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::content::FileFormat;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::error::{FsError, FsResult};
 use super::file::Content;
@@ -59,6 +59,11 @@ pub struct Inode {
     /// The file's format number once read from its header (0: not yet), for the size
     /// of a file that is not loaded.
     format_hint: AtomicU8,
+    /// The permission bits (`0o7777`, set-id bits included) as the backing object has
+    /// them, so that a write by an unprivileged caller learns whether it must clear
+    /// set-id bits without a stat. Every mode change of ours holds this lock from the
+    /// change to the update; a stat that refreshes it is taken under it too.
+    mode: Mutex<u32>,
 }
 
 impl Inode {
@@ -69,6 +74,10 @@ impl Inode {
     /// Keep the format read from the header.
     pub fn set_format_hint(&self, f: FileFormat) {
         self.format_hint.store(f.number() as u8, Ordering::Relaxed);
+    }
+    /// The permission bits, and the lock to hold while changing them.
+    pub fn mode(&self) -> MutexGuard<'_, u32> {
+        self.mode.lock()
     }
 }
 
@@ -81,8 +90,8 @@ pub struct InodeTable {
 }
 
 impl InodeTable {
-    /// A table holding the root.
-    pub fn new(root_fd: OwnedFd, root_key: (u64, u64)) -> Self {
+    /// A table holding the root (its permission bits are `mode`).
+    pub fn new(root_fd: OwnedFd, root_key: (u64, u64), mode: u32) -> Self {
         let root = Arc::new(Inode {
             id: ROOT_ID,
             key: root_key,
@@ -90,6 +99,7 @@ impl InodeTable {
             kind: FileKind::Dir,
             content: RwLock::new(Content::default()),
             format_hint: AtomicU8::new(0),
+            mode: Mutex::new(mode & 0o7777),
         });
         let mut by_id = HashMap::new();
         by_id.insert(ROOT_ID, (root, 1));
@@ -123,9 +133,17 @@ impl InodeTable {
             .ok_or(FsError::Stale)
     }
 
-    /// Register a lookup of the backing object `key` (opened as `fd`): reuse the known
-    /// inode or insert a new one, and count one kernel reference.
-    pub fn remember(&self, key: (u64, u64), fd: OwnedFd, kind: FileKind) -> FsResult<Arc<Inode>> {
+    /// Register a lookup of the backing object `key` (opened as `fd`, with mode `mode`
+    /// as stat gave it): reuse the known inode or insert a new one, and count one kernel
+    /// reference. Returns whether the inode is new (a known one may have changed mode
+    /// since `mode` was taken; the caller refreshes it).
+    pub fn remember(
+        &self,
+        key: (u64, u64),
+        fd: OwnedFd,
+        kind: FileKind,
+        mode: u32,
+    ) -> FsResult<(Arc<Inode>, bool)> {
         let id = self.id_for(key);
         let mut t = self.by_id.lock();
         if let Some((inode, count)) = t.get_mut(&id) {
@@ -133,7 +151,7 @@ impl InodeTable {
                 return Err(FsError::CrossDevice);
             }
             *count += 1;
-            return Ok(inode.clone());
+            return Ok((inode.clone(), false));
         }
         let inode = Arc::new(Inode {
             id,
@@ -142,9 +160,10 @@ impl InodeTable {
             kind,
             content: RwLock::new(Content::default()),
             format_hint: AtomicU8::new(0),
+            mode: Mutex::new(mode & 0o7777),
         });
         t.insert(id, (inode.clone(), 1));
-        Ok(inode)
+        Ok((inode, true))
     }
 
     /// Drop `n` kernel references; forget the inode at zero (never the root).

@@ -173,7 +173,7 @@ impl EarFs {
         let st = rustix::fs::fstat(&fd)?;
         Ok(EarFs {
             backing: backing.to_path_buf(),
-            inodes: InodeTable::new(fd, (st.st_dev, st.st_ino)),
+            inodes: InodeTable::new(fd, (st.st_dev, st.st_ino), st.st_mode),
             keys: file::VolumeKeys::new(keys),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -269,14 +269,20 @@ impl EarFs {
         self.stat_with(inode, None)
     }
 
-    /// Attributes of `inode`, from `st` if the caller has just taken it. The content
-    /// lock (shared) keeps a write or truncate from running between the stat and the
-    /// size we report, so a size in the middle of one never shows.
+    /// Attributes of `inode`, from `st` if the caller has just taken it (for a new
+    /// inode, whose mode was set from it). The content lock (shared) keeps a write or
+    /// truncate from running between the stat and the size we report, so a size in the
+    /// middle of one never shows. A stat taken here refreshes the inode's mode bits.
     fn stat_with(&self, inode: &Inode, st: Option<Stat>) -> FsResult<Attr> {
         let content = (inode.kind == FileKind::File).then(|| inode.content.read());
         let st = match st {
             Some(st) => st,
-            None => rustix::fs::fstat(&inode.fd)?,
+            None => {
+                let mut mode = inode.mode();
+                let st = rustix::fs::fstat(&inode.fd)?;
+                *mode = st.st_mode & 0o7777;
+                st
+            }
         };
         let loaded = content.as_ref().is_some_and(|c| c.size_known());
         let mut attr = self.attr_of(&st, (!loaded).then_some(inode));
@@ -303,8 +309,12 @@ impl EarFs {
     fn register(&self, fd: OwnedFd) -> FsResult<(Arc<Inode>, Attr)> {
         let st = rustix::fs::fstat(&fd)?;
         let kind = FileKind::from_mode(st.st_mode);
-        let inode = self.inodes.remember((st.st_dev, st.st_ino), fd, kind)?;
-        let attr = self.stat_with(&inode, Some(st))?;
+        let (inode, new) = self
+            .inodes
+            .remember((st.st_dev, st.st_ino), fd, kind, st.st_mode)?;
+        // A known inode's mode may have changed since `st` was taken: stat it again under
+        // its mode lock.
+        let attr = self.stat_with(&inode, new.then_some(st))?;
         Ok((inode, attr))
     }
 
@@ -417,13 +427,32 @@ impl EarFs {
         if set.kill_suidgid && set.size.is_some() && set.mode.is_none() {
             Self::kill_suidgid_of(&inode)?;
         }
+        if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
+            // A chown can clear set-id bits too: the kept mode is read back after both.
+            let mut kept = inode.mode();
+            let res = Self::chmod_chown(&inode, &path, set);
+            *kept = rustix::fs::fstat(&inode.fd)?.st_mode & 0o7777;
+            res?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = Timestamps {
+                last_access: timespec(set.atime),
+                last_modification: timespec(set.mtime),
+            };
+            rustix::fs::utimensat(rustix::fs::CWD, &path, &ts, AtFlags::empty())?;
+        }
+        self.stat_inode(&inode)
+    }
+
+    /// The mode and owner changes of a setattr (the caller holds the inode's mode lock).
+    fn chmod_chown(inode: &Inode, path: &str, set: SetAttr) -> FsResult<()> {
         if let Some(mode) = set.mode {
             if inode.kind == FileKind::Symlink {
                 return Err(FsError::NotSupported);
             }
             rustix::fs::chmodat(
                 rustix::fs::CWD,
-                &path,
+                path,
                 Mode::from_raw_mode(mode & 0o7777),
                 AtFlags::empty(),
             )?;
@@ -437,14 +466,7 @@ impl EarFs {
                 AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             )?;
         }
-        if set.atime.is_some() || set.mtime.is_some() {
-            let ts = Timestamps {
-                last_access: timespec(set.atime),
-                last_modification: timespec(set.mtime),
-            };
-            rustix::fs::utimensat(rustix::fs::CWD, &path, &ts, AtFlags::empty())?;
-        }
-        self.stat_inode(&inode)
+        Ok(())
     }
 
     /// Give a new object the caller's owner; keep set-id bits that chown would clear.
@@ -747,21 +769,24 @@ impl EarFs {
         Ok(parking_lot::RwLockWriteGuard::downgrade(w))
     }
 
-    /// Clear set-user-id, and set-group-id if group-executable, as a write or truncate
-    /// by an unprivileged caller must (FUSE_HANDLE_KILLPRIV_V2: the kernel leaves it to us).
+    /// Clear set-user-id, and set-group-id if group-executable, as a write, truncate or
+    /// fallocate by an unprivileged caller must (FUSE_HANDLE_KILLPRIV_V2: the kernel
+    /// leaves it to us). The inode keeps its mode bits, so a file without set-id bits
+    /// (every database file) costs no system call here.
     fn kill_suidgid_of(inode: &Inode) -> FsResult<()> {
-        let mode = rustix::fs::fstat(&inode.fd)?.st_mode;
-        let mut new = mode & 0o7777 & !libc::S_ISUID;
-        if mode & libc::S_IXGRP != 0 {
+        let mut mode = inode.mode();
+        let mut new = *mode & !libc::S_ISUID;
+        if *mode & libc::S_IXGRP != 0 {
             new &= !libc::S_ISGID;
         }
-        if new != mode & 0o7777 {
+        if new != *mode {
             rustix::fs::chmodat(
                 rustix::fs::CWD,
                 proc_path(&inode.fd),
                 Mode::from_raw_mode(new),
                 AtFlags::empty(),
             )?;
+            *mode = new;
         }
         Ok(())
     }
@@ -791,6 +816,20 @@ impl EarFs {
     /// Close a handle.
     pub fn release(&self, fh: u64) {
         self.files.write().remove(&fh);
+    }
+
+    /// fallocate after clearing set-id bits, as for a write by a caller who is not root.
+    /// The kernel sends FUSE_FALLOCATE without a kill flag (with HANDLE_KILLPRIV_V2 it
+    /// leaves clearing to us), so the adapter decides by the caller.
+    pub fn fallocate_killing_suidgid(
+        &self,
+        fh: u64,
+        off: u64,
+        len: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        Self::kill_suidgid_of(&self.handle(fh)?.inode)?;
+        self.fallocate(fh, off, len, mode)
     }
 
     /// fallocate (0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE).
@@ -958,6 +997,98 @@ mod tests {
 
     fn keyring(dek: &Dek) -> Keyring {
         Keyring::new([(1, Dek::from_slice(dek.expose()).unwrap())], 1).unwrap()
+    }
+
+    fn perm_in_backing(d: &Path, name: &str) -> u32 {
+        rustix::fs::stat(d.join(name)).unwrap().st_mode & 0o7777
+    }
+
+    #[test]
+    fn fallocate_by_others_than_root_clears_set_id_bits() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
+        let who = Caller { uid: 0, gid: 0 };
+        let modes = [0, libc::FALLOC_FL_KEEP_SIZE, PUNCH];
+        for (i, mode) in modes.into_iter().enumerate() {
+            // (mode before, after a fallocate by someone not root)
+            for (before, after) in [(0o6775, 0o775), (0o6745, 0o2745), (0o4700, 0o700)] {
+                let name = format!("f{i}-{before:o}");
+                let (attr, fh) = fs
+                    .create(ROOT_ID, OsStr::new(&name), 0o600, libc::O_RDWR, who)
+                    .unwrap();
+                fs.write(fh, 0, &[1u8; 5000]).unwrap();
+                let set = SetAttr {
+                    mode: Some(before),
+                    ..SetAttr::default()
+                };
+                assert_eq!(fs.setattr(attr.ino, None, set).unwrap().perm, before as u16);
+                // Root keeps them.
+                fs.fallocate(fh, 100, 4000, mode).unwrap();
+                assert_eq!(fs.getattr(attr.ino).unwrap().perm, before as u16);
+                fs.fallocate_killing_suidgid(fh, 100, 4000, mode).unwrap();
+                assert_eq!(
+                    fs.getattr(attr.ino).unwrap().perm,
+                    after as u16,
+                    "{name} mode {mode}"
+                );
+                assert_eq!(perm_in_backing(d.path(), &name), after, "{name} backing");
+            }
+        }
+    }
+
+    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+    #[test]
+    fn the_kept_mode_follows_chmod_chown_and_lookup() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
+        let who = Caller { uid: 0, gid: 0 };
+        let (attr, fh) = fs
+            .create(ROOT_ID, OsStr::new("f"), 0o644, libc::O_RDWR, who)
+            .unwrap();
+        let chmod = |m: u32| {
+            let set = SetAttr {
+                mode: Some(m),
+                ..SetAttr::default()
+            };
+            fs.setattr(attr.ino, None, set).unwrap();
+        };
+        let perm = || perm_in_backing(d.path(), "f");
+        // No set-id bits: nothing to clear.
+        fs.write_killing_suidgid(fh, 0, b"a").unwrap();
+        assert_eq!(perm(), 0o644);
+        // chmod: the next unprivileged write sees the new bits, every time.
+        for _ in 0..2 {
+            chmod(0o4755);
+            fs.write_killing_suidgid(fh, 0, b"b").unwrap();
+            assert_eq!(perm(), 0o755);
+        }
+        // A chown clears set-user-id in the backing filesystem; the kept mode follows,
+        // so a later clearing does not put back what it learnt before the chown.
+        chmod(0o6745);
+        let set = SetAttr {
+            uid: Some(65534),
+            ..SetAttr::default()
+        };
+        assert_eq!(fs.setattr(attr.ino, None, set).unwrap().perm, 0o2745);
+        chmod(0o6775);
+        fs.setattr(attr.ino, None, set).unwrap();
+        assert_eq!(perm(), 0o775);
+        rustix::fs::chmod(d.path().join("f"), Mode::from_raw_mode(0o4775)).unwrap();
+        fs.write_killing_suidgid(fh, 0, b"c").unwrap();
+        assert_eq!(
+            perm(),
+            0o4775,
+            "no lookup yet: the kept mode is the old one"
+        );
+        // A lookup (of a known inode) reads the mode again.
+        fs.lookup(ROOT_ID, OsStr::new("f")).unwrap();
+        fs.write_killing_suidgid(fh, 0, b"d").unwrap();
+        assert_eq!(perm(), 0o775);
+        rustix::fs::chmod(d.path().join("f"), Mode::from_raw_mode(0o4775)).unwrap();
+        fs.getattr(attr.ino).unwrap();
+        fs.fallocate_killing_suidgid(fh, 0, 10, 0).unwrap();
+        assert_eq!(perm(), 0o775, "getattr reads the mode again");
     }
 
     #[test]

@@ -653,7 +653,7 @@ impl Filesystem for EarFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -662,12 +662,15 @@ impl Filesystem for EarFuse {
         reply: ReplyEmpty,
     ) {
         let _t = timed(Op::Fallocate);
-        answer_empty(
-            reply,
-            Op::Fallocate,
-            ino.0,
-            self.fs.fallocate(fh.0, offset, length, mode),
-        )
+        // The kernel sends no kill flag with fallocate: anyone but root (CAP_FSETID, as
+        // for truncate above) clears set-id bits, as fallocate on a local filesystem does.
+        let r = if req.uid() != 0 {
+            self.fs
+                .fallocate_killing_suidgid(fh.0, offset, length, mode)
+        } else {
+            self.fs.fallocate(fh.0, offset, length, mode)
+        };
+        answer_empty(reply, Op::Fallocate, ino.0, r)
     }
 
     fn lseek(
