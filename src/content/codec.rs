@@ -134,7 +134,7 @@ mod tests {
     fn zero_ciphertext_is_a_hole_but_zero_plaintext_is_encrypted() {
         let mut k = [0u8; 64];
         k[0] = 1;
-        let c = FileCipher::new(1, FileFormat::V1, [0; 16], &XtsKey::new(k).unwrap());
+        let c = FileCipher::new(1, FileFormat::V1, [0; 16], &XtsKey::new(&mut k).unwrap());
         let mut buf = vec![0u8; 4096 * 2 + 5];
         c.encrypt(SectorNo(0), &mut buf);
         assert!(buf.chunks(4096).all(|s| !all_zero(s)));
@@ -154,7 +154,7 @@ mod tests {
         let mut k = [0u8; 64];
         k[0] = 1;
         k[40] = 2;
-        let c = FileCipher::new(1, FileFormat::V2, [0; 16], &XtsKey::new(k).unwrap());
+        let c = FileCipher::new(1, FileFormat::V2, [0; 16], &XtsKey::new(&mut k).unwrap());
         let plain: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8 + 1).collect();
         let mut whole = plain.clone();
         c.encrypt_blocks(0, &mut whole);

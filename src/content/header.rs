@@ -10,6 +10,8 @@
 //! 64..4096 zero (ignored on read)
 //! ```
 
+use std::sync::Arc;
+
 use crate::crypto::{self, Nonce, derive_file_key, hmac_sha256, verify_hmac_sha256};
 
 use super::codec::FileCipher;
@@ -65,7 +67,7 @@ pub fn encode_header(
 pub fn new_header(
     keys: &Keyring,
     format: FileFormat,
-) -> Result<(Box<[u8; HEADER_LEN as usize]>, FileCipher), HeaderError> {
+) -> Result<(Box<[u8; HEADER_LEN as usize]>, Arc<FileCipher>), HeaderError> {
     let mut nonce = [0u8; 16];
     crypto::random_bytes(&mut nonce)?;
     let v = keys.current_version();
@@ -80,25 +82,36 @@ pub fn reformat_header(
     keys: &Keyring,
     old: &FileCipher,
     format: FileFormat,
-) -> Result<(Box<[u8; HEADER_LEN as usize]>, FileCipher), HeaderError> {
+) -> Result<(Box<[u8; HEADER_LEN as usize]>, Arc<FileCipher>), HeaderError> {
     let h = encode_header(keys, format, old.key_version(), old.nonce())?;
     let c = cipher_for(keys, format, old.key_version(), old.nonce())?;
     Ok((h, c))
 }
 
+/// A file's cipher, built in the heap. Its expanded round keys are built on the stack
+/// and moved (copied) on their way into the `Arc`; the stack those copies used is
+/// wiped before this returns, so only the `Arc`'s copy remains (wiped when dropped).
 fn cipher_for(
     keys: &Keyring,
     format: FileFormat,
     v: u32,
     nonce: &Nonce,
-) -> Result<FileCipher, HeaderError> {
+) -> Result<Arc<FileCipher>, HeaderError> {
+    let c = build_cipher(keys, format, v, nonce);
+    crypto::wipe_stack();
+    c
+}
+
+#[inline(never)]
+fn build_cipher(
+    keys: &Keyring,
+    format: FileFormat,
+    v: u32,
+    nonce: &Nonce,
+) -> Result<Arc<FileCipher>, HeaderError> {
     let (dek, _) = keys.get(v).ok_or(HeaderError::UnknownKeyVersion(v))?;
-    Ok(FileCipher::new(
-        v,
-        format,
-        *nonce,
-        &derive_file_key(dek, nonce)?,
-    ))
+    let key = derive_file_key(dek, nonce)?;
+    Ok(Arc::new(FileCipher::new(v, format, *nonce, &key)))
 }
 
 /// The format a header names, from its magic and version field alone (no key needed).
@@ -124,7 +137,7 @@ pub fn header_names(h: &[u8]) -> Result<(FileFormat, u32), HeaderError> {
 }
 
 /// Check a header read from disk and derive the file's cipher.
-pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<FileCipher, HeaderError> {
+pub fn decode_header(keys: &Keyring, h: &[u8]) -> Result<Arc<FileCipher>, HeaderError> {
     if h.len() < MAC_END {
         return Err(HeaderError::Short);
     }
@@ -160,6 +173,33 @@ mod tests {
             2,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_files_cipher_leaves_no_key_bytes_on_the_stack() {
+        use crate::crypto::stack_scan::leftovers_after;
+        let dek = Dek::generate().unwrap();
+        let k = Keyring::new([(1, dek.clone())], 1).unwrap();
+        let (h, c) = new_header(&k, FileFormat::V2).unwrap();
+        drop(c);
+        // The file key (whose halves are the first two round keys of K1 and K2),
+        // computed on another thread.
+        let nonce: Nonce = h[16..32].try_into().unwrap();
+        let secrets = std::thread::spawn(move || {
+            vec![derive_file_key(&dek, &nonce).unwrap().bytes().to_vec()]
+        })
+        .join()
+        .unwrap();
+        let found = std::thread::spawn(move || {
+            leftovers_after(&secrets, || {
+                let c = decode_header(&k, &h[..]).unwrap();
+                let (_, c2) = reformat_header(&k, &c, FileFormat::V1).unwrap();
+                std::hint::black_box((c, c2));
+            })
+        })
+        .join()
+        .unwrap();
+        assert!(found.is_empty(), "file key bytes left on the stack");
     }
 
     #[test]

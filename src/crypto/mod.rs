@@ -9,9 +9,12 @@ pub mod xts;
 
 pub use keys::{
     DEK_LEN, Dek, MacKey, Nonce, XtsKey, derive_config_mac_key, derive_file_key,
-    derive_header_mac_key, hmac_sha256, random_bytes, verify_hmac_sha256,
+    derive_header_mac_key, hmac_sha256, random_bytes, verify_hmac_sha256, wipe_stack,
 };
 pub use xts::{SECTOR_SIZE, SectorCipher, implementation};
+
+#[cfg(test)]
+pub(crate) use keys::stack_scan;
 
 /// Errors of the crypto layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

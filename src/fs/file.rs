@@ -10,13 +10,12 @@
 //! Every function here runs under the inode's content lock (`Inode::content`): shared
 //! for reads and seeks, exclusive for anything that changes bytes or size.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -136,20 +135,33 @@ pub struct Io<'a> {
     pub path: &'a dyn Fn() -> PathBuf,
 }
 
+/// Every thread's scratch buffer (see [`with_buf`]), so that a key lock can wipe them.
+static SCRATCH: Mutex<Vec<Weak<Mutex<AlignedBuf>>>> = Mutex::new(Vec::new());
+
 thread_local! {
-    static BUF: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
+    /// This thread's scratch buffer: plaintext passes through it. Locked only by this
+    /// thread and, to wipe it, by a key lock.
+    static BUF: Arc<Mutex<AlignedBuf>> = {
+        let buf = Arc::new(Mutex::new(AlignedBuf::new()));
+        let mut all = SCRATCH.lock();
+        all.retain(|b| b.strong_count() > 0);
+        all.push(Arc::downgrade(&buf));
+        buf
+    };
 }
 
-/// Run `f` on a page-aligned scratch buffer of `len` bytes (reused per thread).
+/// Run `f` on a page-aligned scratch buffer of `len` bytes (reused per thread; a
+/// nested use, or one while a key lock wipes it, gets a buffer of its own).
 fn with_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> FsResult<R>) -> FsResult<R> {
-    BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => {
+    BUF.with(|cell| match cell.try_lock() {
+        Some(mut b) => {
             if !b.resize(len) {
                 return Err(FsError::NoMemory);
             }
             f(b.as_mut_slice())
         }
-        Err(_) => {
+        None => {
+            // Wiped when dropped.
             let mut b = AlignedBuf::new();
             if !b.resize(len) {
                 return Err(FsError::NoMemory);
@@ -157,6 +169,22 @@ fn with_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> FsResult<R>) -> FsResult
             f(b.as_mut_slice())
         }
     })
+}
+
+/// Wipe every thread's scratch buffer (the plaintext of the last read or write each
+/// thread made), waiting for one in use. Called when the keys are locked. A thread's
+/// buffer is also wiped when the thread ends.
+pub fn wipe_scratch_buffers() {
+    let all: Vec<_> = SCRATCH.lock().iter().filter_map(Weak::upgrade).collect();
+    for buf in all {
+        buf.lock().wipe();
+    }
+}
+
+/// Whether this thread's scratch buffer holds nothing but zeros (for tests).
+#[cfg(test)]
+pub fn scratch_is_zero() -> bool {
+    BUF.with(|b| b.lock().as_slice().iter().all(|&x| x == 0))
 }
 
 fn set_len(f: &File, len: u64) -> FsResult<()> {
@@ -213,7 +241,7 @@ pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
             match decode_header(&keys, &h[..n]) {
                 Ok(cipher) => {
                     let f = cipher.format();
-                    c.cipher = Some(Arc::new(cipher));
+                    c.cipher = Some(cipher);
                     f
                 }
                 Err(e) => return Err(corrupt(c, io, e.to_string())),
@@ -289,7 +317,6 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
         if want != len {
             set_len(io.file, want)?;
         }
-        let cipher = Arc::new(cipher);
         if cipher.format() == FileFormat::V1 {
             // v1: a tail shorter than 16 bytes is never a hole; store encrypted zeros.
             reencode_sector(io, &cipher, plain_off_to_sector(c.size), 0, c.size)?;
@@ -303,7 +330,6 @@ fn ensure_header(c: &mut Content, io: &Io<'_>) -> FsResult<Arc<FileCipher>> {
         let _ = set_len(io.file, 0);
         return Err(e);
     }
-    let cipher = Arc::new(cipher);
     c.cipher = Some(cipher.clone());
     c.size = 0;
     Ok(cipher)
@@ -328,7 +354,7 @@ fn upgrade_if_aligned(c: &mut Content, io: &Io<'_>, new_size: u64) -> FsResult<(
         reformat_header(&keys(io)?.0, cipher, FileFormat::V2).map_err(|e| header_error(io, e))?;
     write_header(io, &h[..])?;
     backing::sync(io.file, true)?;
-    c.cipher = Some(Arc::new(v2));
+    c.cipher = Some(v2);
     Ok(())
 }
 

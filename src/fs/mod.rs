@@ -335,10 +335,10 @@ impl EarFs {
         }
     }
 
-    /// Lock the data keys (the CMK was revoked): drop them and every file's cipher;
-    /// file I/O fails with EIO until [`EarFs::set_keys`]. Metadata stays available.
-    /// Returns the node ids of the regular files known, whose kernel caches the caller
-    /// should drop.
+    /// Lock the data keys (the CMK was revoked): drop them and every file's cipher, and
+    /// wipe the worker threads' plaintext scratch buffers; file I/O fails with EIO until
+    /// [`EarFs::set_keys`]. Metadata stays available. Returns the node ids of the
+    /// regular files known, whose kernel caches the caller should drop.
     pub fn lock_keys(&self) -> Vec<u64> {
         self.keys.set(None);
         let mut files = Vec::new();
@@ -348,6 +348,7 @@ impl EarFs {
                 files.push(inode.id);
             }
         }
+        file::wipe_scratch_buffers();
         files
     }
 
@@ -1089,6 +1090,34 @@ mod tests {
         fs.getattr(attr.ino).unwrap();
         fs.fallocate_killing_suidgid(fh, 0, 10, 0).unwrap();
         assert_eq!(perm(), 0o775, "getattr reads the mode again");
+    }
+
+    #[test]
+    fn a_key_lock_wipes_the_plaintext_buffers_of_worker_threads() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
+        let who = Caller { uid: 0, gid: 0 };
+        let (_, fh) = fs
+            .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)
+            .unwrap();
+        let rows = b"account 42 balance 1000000;".repeat(300);
+        let (used, wiped) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                fs.write(fh, 0, &rows).unwrap();
+                let mut got = Vec::new();
+                fs.read(fh, 0, rows.len() as u32, |d| got.extend_from_slice(d))
+                    .unwrap();
+                assert!(got == rows);
+                assert!(!file::scratch_is_zero(), "the read left no plaintext");
+                used.wait();
+                wiped.wait();
+                assert!(file::scratch_is_zero(), "plaintext survived the key lock");
+            });
+            used.wait();
+            fs.lock_keys();
+            wiped.wait();
+        });
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::ptr::NonNull;
 /// Alignment of I/O buffers: a page, enough for O_DIRECT on any backing device.
 pub const IO_ALIGN: usize = 4096;
 
-/// A zero-initialised, page-aligned byte buffer for positional and O_DIRECT I/O.
+/// A zero-initialised, page-aligned byte buffer for positional and O_DIRECT I/O. It may
+/// hold plaintext, so its memory is wiped before it goes back to the allocator.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
@@ -54,8 +55,18 @@ impl AlignedBuf {
         true
     }
 
+    /// Overwrite the whole allocation (not only the current length) with zeros.
+    pub fn wipe(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: ptr is valid for cap initialised bytes, and &mut self is exclusive.
+            let all = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) };
+            zeroize::Zeroize::zeroize(all);
+        }
+    }
+
     fn free(&mut self) {
         if self.cap > 0 {
+            self.wipe();
             if let Ok(layout) = Layout::from_size_align(self.cap, IO_ALIGN) {
                 // SAFETY: ptr was allocated with exactly this layout.
                 unsafe { dealloc(self.ptr.as_ptr(), layout) };
