@@ -1121,6 +1121,51 @@ mod tests {
     }
 
     #[test]
+    fn getattr_during_writes_and_truncates_never_reports_a_size_in_between() {
+        for format in FileFormat::ALL {
+            let d = tempfile::tempdir().unwrap();
+            let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), format).unwrap();
+            let who = Caller { uid: 0, gid: 0 };
+            let (attr, fh) = fs
+                .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)
+                .unwrap();
+            const A: u64 = 100;
+            fs.write(fh, 0, &[1u8; A as usize]).unwrap();
+            // Each step takes the file from one of these sizes to another, through
+            // backing lengths in between (in v1 a write past a short last sector first
+            // re-encrypts that sector at full length).
+            let steps: [(u64, u64); 3] = [(8192, 100), (4000, 50), (12, 3)];
+            let sizes: Vec<u64> = std::iter::once(A)
+                .chain(steps.iter().map(|&(off, len)| off + len))
+                .collect();
+            let done = AtomicBool::new(false);
+            let seen = std::thread::scope(|s| {
+                let reader = s.spawn(|| {
+                    let mut seen = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        let size = fs.getattr(attr.ino).unwrap().size;
+                        assert!(sizes.contains(&size), "{format:?}: getattr saw {size}");
+                        seen += 1;
+                    }
+                    seen
+                });
+                for i in 0..3000 {
+                    let (off, len) = steps[i % steps.len()];
+                    fs.write(fh, off, &vec![2u8; len as usize]).unwrap();
+                    let set = SetAttr {
+                        size: Some(A),
+                        ..SetAttr::default()
+                    };
+                    fs.setattr(attr.ino, Some(fh), set).unwrap();
+                }
+                done.store(true, Ordering::Relaxed);
+                reader.join().unwrap()
+            });
+            assert!(seen > 0);
+        }
+    }
+
+    #[test]
     fn locked_keys_fail_file_io_and_unlocking_restores_it() {
         let d = tempfile::tempdir().unwrap();
         let dek = Dek::generate().unwrap();
