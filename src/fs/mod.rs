@@ -1000,23 +1000,30 @@ mod tests {
         Keyring::new([(1, Dek::from_slice(dek.expose()).unwrap())], 1).unwrap()
     }
 
+    const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+    /// A volume in a temporary directory, writing `format`, with a new file `f` (mode
+    /// `mode`) open read-write: (directory, fs, the file's attributes, its handle).
+    fn volume_with_file(format: FileFormat, mode: u32) -> (tempfile::TempDir, EarFs, Attr, u64) {
+        let d = tempfile::tempdir().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), format).unwrap();
+        let (attr, fh) = fs
+            .create(ROOT_ID, OsStr::new("f"), mode, libc::O_RDWR, ROOT)
+            .unwrap();
+        (d, fs, attr, fh)
+    }
+
     fn perm_in_backing(d: &Path, name: &str) -> u32 {
         rustix::fs::stat(d.join(name)).unwrap().st_mode & 0o7777
     }
 
     #[test]
     fn fallocate_by_others_than_root_clears_set_id_bits() {
-        let d = tempfile::tempdir().unwrap();
-        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
-        let who = Caller { uid: 0, gid: 0 };
-        let modes = [0, libc::FALLOC_FL_KEEP_SIZE, PUNCH];
-        for (i, mode) in modes.into_iter().enumerate() {
+        for mode in [0, libc::FALLOC_FL_KEEP_SIZE, PUNCH] {
             // (mode before, after a fallocate by someone not root)
             for (before, after) in [(0o6775, 0o775), (0o6745, 0o2745), (0o4700, 0o700)] {
-                let name = format!("f{i}-{before:o}");
-                let (attr, fh) = fs
-                    .create(ROOT_ID, OsStr::new(&name), 0o600, libc::O_RDWR, who)
-                    .unwrap();
+                let name = format!("{before:o} fallocate mode {mode}");
+                let (d, fs, attr, fh) = volume_with_file(FileFormat::V2, 0o600);
                 fs.write(fh, 0, &[1u8; 5000]).unwrap();
                 let set = SetAttr {
                     mode: Some(before),
@@ -1027,12 +1034,8 @@ mod tests {
                 fs.fallocate(fh, 100, 4000, mode).unwrap();
                 assert_eq!(fs.getattr(attr.ino).unwrap().perm, before as u16);
                 fs.fallocate_killing_suidgid(fh, 100, 4000, mode).unwrap();
-                assert_eq!(
-                    fs.getattr(attr.ino).unwrap().perm,
-                    after as u16,
-                    "{name} mode {mode}"
-                );
-                assert_eq!(perm_in_backing(d.path(), &name), after, "{name} backing");
+                assert_eq!(fs.getattr(attr.ino).unwrap().perm, after as u16, "{name}");
+                assert_eq!(perm_in_backing(d.path(), "f"), after, "{name} backing");
             }
         }
     }
@@ -1041,12 +1044,7 @@ mod tests {
 
     #[test]
     fn the_kept_mode_follows_chmod_chown_and_lookup() {
-        let d = tempfile::tempdir().unwrap();
-        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
-        let who = Caller { uid: 0, gid: 0 };
-        let (attr, fh) = fs
-            .create(ROOT_ID, OsStr::new("f"), 0o644, libc::O_RDWR, who)
-            .unwrap();
+        let (d, fs, attr, fh) = volume_with_file(FileFormat::V2, 0o644);
         let chmod = |m: u32| {
             let set = SetAttr {
                 mode: Some(m),
@@ -1094,12 +1092,7 @@ mod tests {
 
     #[test]
     fn a_key_lock_wipes_the_plaintext_buffers_of_worker_threads() {
-        let d = tempfile::tempdir().unwrap();
-        let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), FileFormat::V2).unwrap();
-        let who = Caller { uid: 0, gid: 0 };
-        let (_, fh) = fs
-            .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)
-            .unwrap();
+        let (_d, fs, _, fh) = volume_with_file(FileFormat::V2, 0o600);
         let rows = b"account 42 balance 1000000;".repeat(300);
         let (used, wiped) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
         std::thread::scope(|s| {
@@ -1123,12 +1116,7 @@ mod tests {
     #[test]
     fn getattr_during_writes_and_truncates_never_reports_a_size_in_between() {
         for format in FileFormat::ALL {
-            let d = tempfile::tempdir().unwrap();
-            let fs = EarFs::new(d.path(), keyring(&Dek::generate().unwrap()), format).unwrap();
-            let who = Caller { uid: 0, gid: 0 };
-            let (attr, fh) = fs
-                .create(ROOT_ID, OsStr::new("f"), 0o600, libc::O_RDWR, who)
-                .unwrap();
+            let (_d, fs, attr, fh) = volume_with_file(format, 0o600);
             const A: u64 = 100;
             fs.write(fh, 0, &[1u8; A as usize]).unwrap();
             // Each step takes the file from one of these sizes to another, through
