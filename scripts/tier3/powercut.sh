@@ -11,7 +11,7 @@
 # volume must lose a synced Put (v1's tail window); on v2 nothing may fail.
 #
 #   EARFS_POWERCUT_CUTS     cut points per RocksDB/SQLite run (default 30)
-#   EARFS_POWERCUT_PG_CUTS  cut points of the PostgreSQL run   (default 4)
+#   EARFS_POWERCUT_PG_CUTS  cut points of the PostgreSQL run   (default 10)
 #   EARFS_POWERCUT_STATES   crash states per cut point          (default 2)
 #   EARFS_POWERCUT_COMMITS  commits per RocksDB/SQLite run      (default 300)
 #   EARFS_POWERCUT_SEED     seed of the cut points and states   (default 1)
