@@ -1230,7 +1230,9 @@ fn power_cut(db: &mut dyn Db, plan: &Plan) -> Tally {
                     short(ev),
                     world.acked
                 );
-                eprintln!("{what}");
+                if t.failed.len() < 20 {
+                    eprintln!("{what}");
+                }
                 t.failed.push(what);
             }
         }
@@ -1290,40 +1292,40 @@ fn plan(format: FileFormat, cuts_var: &str, cuts_default: u64) -> Plan {
     }
 }
 
-/// The v2 verdict: no state failed, and the state that lost a synced write on purpose
-/// was reported.
-fn assert_v2(t: &Tally, name: &str) {
+/// The v2 run of `db`: no crash state failed, and the state that lost a synced write on
+/// purpose was reported.
+fn v2_loses_nothing(db: &mut dyn Db, cuts_var: &str, cuts_default: u64) {
+    let t = power_cut(db, &plan(FileFormat::V2, cuts_var, cuts_default));
+    let name = db.name();
     assert!(
         t.failed.is_empty(),
-        "{name}: {} of {} crash states failed: {:#?}",
+        "{name} v2: {} of {} crash states failed, e.g.: {:#?}",
         t.failed.len(),
         t.states,
-        t.failed
+        &t.failed[..t.failed.len().min(20)]
     );
     match &t.sabotage {
-        Some(Err(why)) => println!("{name}: a lost synced write is reported: {why}"),
-        other => panic!("{name}: a state that lost a synced write passed the checks: {other:?}"),
+        Some(Err(why)) => println!("{name} v2: a lost synced write is reported: {why}"),
+        other => panic!("{name} v2: a state that lost a synced write passed the checks: {other:?}"),
     }
 }
 
 #[test]
 #[ignore = "needs root, /dev/fuse and the databases: scripts/tier3/powercut.sh"]
 fn rocksdb_v2_keeps_every_synced_put() {
-    let t = power_cut(
-        &mut Rocks::new(),
-        &plan(FileFormat::V2, "EARFS_POWERCUT_CUTS", 30),
-    );
-    assert_v2(&t, "rocksdb v2");
+    v2_loses_nothing(&mut Rocks::new(), "EARFS_POWERCUT_CUTS", 30);
 }
 
 #[test]
 #[ignore = "needs root, /dev/fuse and the databases: scripts/tier3/powercut.sh"]
 fn sqlite_v2_keeps_every_committed_transaction() {
-    let t = power_cut(
-        &mut Sqlite::new(),
-        &plan(FileFormat::V2, "EARFS_POWERCUT_CUTS", 30),
-    );
-    assert_v2(&t, "sqlite v2");
+    v2_loses_nothing(&mut Sqlite::new(), "EARFS_POWERCUT_CUTS", 30);
+}
+
+#[test]
+#[ignore = "needs root, /dev/fuse and the databases: scripts/tier3/powercut.sh"]
+fn postgres_v2_keeps_every_committed_transaction() {
+    v2_loses_nothing(&mut Pg::new(), "EARFS_POWERCUT_PG_CUTS", 10);
 }
 
 /// Format v1 rewrites the ciphertext of up to 31 synced bytes at the unaligned tail of
@@ -1337,24 +1339,19 @@ fn rocksdb_v1_loses_synced_puts() {
         &mut Rocks::new(),
         &plan(FileFormat::V1, "EARFS_POWERCUT_CUTS", 30),
     );
+    let lost = t
+        .failed
+        .iter()
+        .filter(|f| f.contains("acknowledged key") || f.contains("DB::Open failed"))
+        .count();
     println!(
-        "rocksdb v1: {} of {} crash states failed; e.g. {:?}",
+        "rocksdb v1: {} of {} crash states failed, {lost} with a synced Put lost or DB::Open failing; e.g. {:?}",
         t.failed.len(),
         t.states,
         t.failed.first()
     );
     assert!(
-        !t.failed.is_empty(),
-        "no crash state of the v1 run failed: the tail window was not reached"
+        lost > 0,
+        "no crash state of the v1 run lost a synced Put or failed to open: the tail window was not reached"
     );
-}
-
-#[test]
-#[ignore = "needs root, /dev/fuse and the databases: scripts/tier3/powercut.sh"]
-fn postgres_v2_keeps_every_committed_transaction() {
-    let t = power_cut(
-        &mut Pg::new(),
-        &plan(FileFormat::V2, "EARFS_POWERCUT_PG_CUTS", 10),
-    );
-    assert_v2(&t, "postgres v2");
 }

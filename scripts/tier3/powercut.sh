@@ -45,10 +45,10 @@ fi
 log="$(mktemp "${TMPDIR:-/tmp}/earfs-powercut.XXXXXX.log")"
 cd "$repo"
 if ! cargo test --release --test powercut -- --ignored --nocapture --test-threads=1 >"$log" 2>&1; then
-    grep -E '^(powercut|rocksdb|sqlite|postgres)|panicked|FAILED|failed' "$log" | tail -n 60
+    grep -E 'powercut|^(rocksdb|sqlite|postgres)|panicked|FAILED|failed' "$log" | tail -n 60
     fail "see $log"
 fi
 echo "powercut summary (writeback cache: ${EARFS_POWERCUT_WRITEBACK:-0}):"
-grep -E '^(powercut|rocksdb v1|rocksdb v2|sqlite v2|postgres v2)' "$log" | sed 's/^/  /'
+grep -oE '(powercut [a-z]+ V[12]: |(rocksdb|sqlite|postgres) v[12]: ).*' "$log" | sed 's/^/  /'
 rm -f "$log"
 echo "PASS: powercut $BACKEND ($((SECONDS - start)) s)"

@@ -1,5 +1,6 @@
 //! The persistence model of a backing file after a power cut (docs/architecture.md,
-//! "Crash consistency"), for `tests/powercut.rs`:
+//! "Crash consistency"), shared by the crash-state explorer (`tests/crash.rs`) and the
+//! power-cut tests under real databases (`tests/powercut.rs`):
 //!
 //! - each write since the file's last fsync/fdatasync persisted or not, in 512-byte
 //!   pieces: a piece holds its content as of some moment since the sync (the page
@@ -10,9 +11,8 @@
 //!   `data=ordered`: a length that persisted brings with it the pieces written beyond
 //!   the durable length before it).
 //!
-//! `tests/crash.rs` states the same model over its own recording (one flat directory,
-//! every intermediate image kept for its byte oracle); this one keeps only the pieces
-//! that changed, so that it scales to the files of a real database.
+//! Only the pieces that changed since the sync are kept, each version once, so that it
+//! scales to the files of a real database.
 
 use std::collections::BTreeMap;
 
