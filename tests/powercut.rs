@@ -104,14 +104,8 @@ enum Ev {
         kind: Kind,
         meta: Meta,
     },
-    Rename {
-        from: PathBuf,
-        to: PathBuf,
-        exchange: bool,
-    },
-    Unlink {
-        path: PathBuf,
-    },
+    /// A rename or an unlink.
+    Names(DirOp),
     SyncDir {
         path: PathBuf,
     },
@@ -209,14 +203,14 @@ impl Rec {
                 to_dir,
                 to,
                 flags,
-            } => Ok(Some(Ev::Rename {
+            } => Ok(Some(Ev::Names(DirOp::Rename {
                 from: self.path(*from_dir, Some(from))?,
                 to: self.path(*to_dir, Some(to))?,
                 exchange: flags & libc::RENAME_EXCHANGE != 0,
-            })),
-            Op::Unlink { dir, name } => Ok(Some(Ev::Unlink {
+            }))),
+            Op::Unlink { dir, name } => Ok(Some(Ev::Names(DirOp::Unlink {
                 path: self.path(*dir, Some(name))?,
-            })),
+            }))),
             Op::SyncDir { dir } => Ok(Some(Ev::SyncDir {
                 path: self.path(*dir, None)?,
             })),
@@ -346,6 +340,7 @@ struct Node {
     data: FileHistory,
 }
 
+/// A change of names (paths relative to the backing directory).
 #[derive(Debug, Clone)]
 enum DirOp {
     Create {
@@ -503,25 +498,12 @@ impl World {
                     }
                 };
                 self.ino_node.insert(*ino, n);
-                self.dir_op(
-                    DirOp::Create {
-                        path: path.clone(),
-                        node: n,
-                    },
-                    vec![parent(path)],
-                );
+                self.dir_op(DirOp::Create {
+                    path: path.clone(),
+                    node: n,
+                });
             }
-            Ev::Rename { from, to, exchange } => self.dir_op(
-                DirOp::Rename {
-                    from: from.clone(),
-                    to: to.clone(),
-                    exchange: *exchange,
-                },
-                vec![parent(to), parent(from)],
-            ),
-            Ev::Unlink { path } => {
-                self.dir_op(DirOp::Unlink { path: path.clone() }, vec![parent(path)])
-            }
+            Ev::Names(op) => self.dir_op(op.clone()),
             Ev::SyncDir { path } => {
                 for op in &mut self.ops {
                     if op.dirs.contains(path) {
@@ -535,8 +517,12 @@ impl World {
         }
     }
 
-    fn dir_op(&mut self, op: DirOp, dirs: Vec<PathBuf>) {
+    fn dir_op(&mut self, op: DirOp) {
         apply_dir_op(&mut self.live, &op);
+        let dirs = match &op {
+            DirOp::Create { path, .. } | DirOp::Unlink { path } => vec![parent(path)],
+            DirOp::Rename { from, to, .. } => vec![parent(to), parent(from)],
+        };
         self.ops.push(PendingDirOp {
             op,
             dirs,
@@ -1116,6 +1102,11 @@ struct Plan {
 /// Record `db` committing on a fresh volume, then check crash states at `plan.cuts`
 /// cut points.
 fn power_cut(db: &mut dyn Db, plan: &Plan) -> Tally {
+    // The recorder is the process's: one run at a time, whatever --test-threads says.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
     let work = TestDir::new("earfs-powercut-");
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

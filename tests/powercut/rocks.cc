@@ -2,7 +2,8 @@
 //
 //   rocks write DB COUNT   Put key i (i = 0..COUNT) with sync=true; print "ack i" once
 //                          each Put returned. Small memtables and SST files, so that
-//                          the run flushes, compacts and rolls the MANIFEST and WAL.
+//                          the run flushes (a new WAL each time), compacts and appends
+//                          version edits to the MANIFEST.
 //   rocks check DB ACKED   DB::Open (recovery); every key i < ACKED present with its
 //                          value; every key present has its value and the keys present
 //                          are a prefix 0..n (Puts are acknowledged in order).
