@@ -17,12 +17,13 @@ log() { printf '[deps-tier3] %s\n' "$*" >&2; }
 # --- Debian packages ---------------------------------------------------------
 # fuse3: fusermount3; libacl1-dev/acl: pjdfstest build + ACL tests;
 # postgresql + postgresql-contrib: server, pgbench, pg_checksums, amcheck;
-# rocksdb-tools: db_bench, ldb, sst_dump; psmisc: fuser (diagnostics on busy
+# rocksdb-tools: db_bench, ldb, sst_dump; librocksdb-dev: the power-cut test's
+# RocksDB driver (tests/powercut/rocks.cc, built with g++); psmisc: fuser (diagnostics on busy
 # unmounts); procps: pgrep.
 apt_pkgs=(
     fuse3 gocryptfs
     postgresql postgresql-contrib
-    rocksdb-tools sqlite3 python3
+    rocksdb-tools librocksdb-dev sqlite3 python3
     fio strace shellcheck
     libacl1-dev acl pkg-config build-essential
     psmisc procps util-linux

@@ -28,6 +28,8 @@
 //! explorer can fail); on v2 none.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -35,6 +37,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use common::crashmodel::{Choices, FileHistory, FileOp, Model};
 use earfs::content::{FileFormat, Keyring};
 use earfs::crypto::Dek;
 use earfs::fs::backing::{Op, Recorder, set_thread_recorder};
@@ -42,7 +45,6 @@ use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const PIECE: u64 = 512;
 const ME: Caller = Caller { uid: 0, gid: 0 };
 
 /// A recorded backing call, by backing inode number.
@@ -136,13 +138,6 @@ impl Recorder for Rec {
         };
         self.evs.borrow_mut().push(ev);
     }
-}
-
-/// The persistence model of the backing filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Model {
-    Worst,
-    Ordered,
 }
 
 // ---------------------------------------------------------------------------
@@ -357,147 +352,26 @@ fn ring(dek: &Dek) -> Keyring {
 // ---------------------------------------------------------------------------
 // Crash states.
 
-/// The backing image of a file: bytes and length (bytes past the length are dropped).
-#[derive(Clone, Default)]
-struct Img {
-    bytes: Vec<u8>,
-}
-
-impl Img {
-    fn apply(&mut self, ev: &Ev) {
-        match ev {
-            Ev::Write { off, data, .. } => {
-                let end = *off as usize + data.len();
-                if self.bytes.len() < end {
-                    self.bytes.resize(end, 0);
-                }
-                self.bytes[*off as usize..end].copy_from_slice(data);
-            }
-            Ev::SetLen { len, .. } => self.bytes.resize(*len as usize, 0),
-            Ev::Punch { off, len, .. } => {
-                let a = (*off as usize).min(self.bytes.len());
-                let b = ((off + len) as usize).min(self.bytes.len());
-                self.bytes[a..b].fill(0);
-            }
-            _ => {}
-        }
-    }
-    fn piece(&self, q: u64) -> [u8; PIECE as usize] {
-        let mut p = [0u8; PIECE as usize];
-        let a = (q * PIECE) as usize;
-        if a < self.bytes.len() {
-            let b = (a + PIECE as usize).min(self.bytes.len());
-            p[..b - a].copy_from_slice(&self.bytes[a..b]);
-        }
-        p
-    }
-}
-
-/// What a crash right after event `p` may leave of one file.
-struct FileChoices {
-    /// The file's backing images since its last sync: [0] is durable.
-    imgs: Vec<Img>,
-    /// The indices into `imgs` where the length changed (0 included).
-    len_points: Vec<usize>,
-    /// Per 512-byte piece that changed: its index and the image indices where it changed.
-    pieces: Vec<(u64, Vec<usize>)>,
-    durable_len: u64,
-}
-
-fn file_choices(evs: &[Ev], p: usize, ino: u64) -> FileChoices {
-    let mut durable = Img::default();
-    let mut pending: Vec<&Ev> = Vec::new();
+/// A file's bytes as its last sync before event `p` made them durable, and its changes
+/// since (the model of `tests/common/crashmodel.rs` builds the states from them).
+fn history(evs: &[Ev], p: usize, ino: u64) -> FileHistory {
+    let mut h = FileHistory::default();
     for ev in &evs[..=p] {
         match ev {
-            Ev::Write { ino: i, .. } | Ev::SetLen { ino: i, .. } | Ev::Punch { ino: i, .. }
-                if *i == ino =>
-            {
-                pending.push(ev)
-            }
-            Ev::Sync { ino: i } if *i == ino => {
-                for e in pending.drain(..) {
-                    durable.apply(e);
-                }
-            }
+            Ev::Write { ino: i, off, data } if *i == ino => h.change(FileOp::Write {
+                off: *off,
+                data: data.clone(),
+            }),
+            Ev::SetLen { ino: i, len } if *i == ino => h.change(FileOp::SetLen(*len)),
+            Ev::Punch { ino: i, off, len } if *i == ino => h.change(FileOp::Punch {
+                off: *off,
+                len: *len,
+            }),
+            Ev::Sync { ino: i } if *i == ino => h.sync(),
             _ => {}
         }
     }
-    let mut imgs = vec![durable.clone()];
-    for e in &pending {
-        let mut next = imgs.last().unwrap().clone();
-        next.apply(e);
-        imgs.push(next);
-    }
-    let mut len_points = vec![0];
-    for k in 1..imgs.len() {
-        if imgs[k].bytes.len() != imgs[k - 1].bytes.len() {
-            len_points.push(k);
-        }
-    }
-    let max_len = imgs.iter().map(|i| i.bytes.len()).max().unwrap_or(0) as u64;
-    let mut pieces = Vec::new();
-    for q in 0..max_len.div_ceil(PIECE) {
-        let mut points = vec![0];
-        let mut last = imgs[0].piece(q);
-        for (k, img) in imgs.iter().enumerate().skip(1) {
-            let cur = img.piece(q);
-            if cur != last {
-                points.push(k);
-                last = cur;
-            }
-        }
-        if points.len() > 1 {
-            pieces.push((q, points));
-        }
-    }
-    FileChoices {
-        imgs,
-        len_points,
-        pieces,
-        durable_len: durable.bytes.len() as u64,
-    }
-}
-
-impl FileChoices {
-    /// How many states there are (saturating).
-    fn count(&self) -> u64 {
-        let mut n = self.len_points.len() as u64;
-        for (_, pts) in &self.pieces {
-            n = n.saturating_mul(pts.len() as u64);
-        }
-        n
-    }
-
-    /// The piece choices allowed with the length taken at image `l`.
-    fn allowed(&self, model: Model, l: usize, q: u64, pts: &[usize]) -> Vec<usize> {
-        if model == Model::Ordered && q * PIECE >= self.durable_len {
-            // Newly allocated: what was written before the length persisted persisted too.
-            let floor = pts.iter().copied().filter(|&k| k <= l).max().unwrap_or(0);
-            pts.iter().copied().filter(|&k| k >= floor).collect()
-        } else {
-            pts.to_vec()
-        }
-    }
-
-    /// Build the backing bytes of state number `n` (mixed radix over the choices), or a
-    /// random state.
-    fn build(&self, model: Model, pick: &mut dyn FnMut(usize) -> usize) -> Vec<u8> {
-        let l = self.len_points[pick(self.len_points.len())];
-        let len = self.imgs[l].bytes.len();
-        let mut out = self.imgs[0].bytes.clone();
-        out.resize(len, 0);
-        for (q, pts) in &self.pieces {
-            let allowed = self.allowed(model, l, *q, pts);
-            let k = allowed[pick(allowed.len())];
-            let piece = self.imgs[k].piece(*q);
-            let a = (*q * PIECE) as usize;
-            if a < len {
-                let b = (a + PIECE as usize).min(len);
-                out[a..b].copy_from_slice(&piece[..b - a]);
-            }
-        }
-        out
-    }
+    h
 }
 
 /// Directory entries (name -> backing inode) after the first `k` pending directory
@@ -693,7 +567,8 @@ fn explore(x: &Explore<'_>, evs: &[Ev], rng: &mut StdRng, t: &mut Tally) {
         for k in 0..=nd {
             let names = dir_state(evs, p, k);
             let inos: Vec<u64> = names.values().copied().collect();
-            let choices: Vec<FileChoices> = inos.iter().map(|&i| file_choices(evs, p, i)).collect();
+            let histories: Vec<FileHistory> = inos.iter().map(|&i| history(evs, p, i)).collect();
+            let choices: Vec<Choices<'_>> = histories.iter().map(FileHistory::choices).collect();
             let total = choices
                 .iter()
                 .fold(1u64, |n, c| n.saturating_mul(c.count()));

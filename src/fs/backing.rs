@@ -5,9 +5,11 @@
 //! Reads go through here too (recorded as [`Op::Read`]), so that a test can see which
 //! descriptor and offsets a read used.
 //!
-//! A recorder, and an injected write failure ([`fail_thread_write`]), are set per thread
-//! and only by tests; the daemon never sets either, and then each call costs one
-//! thread-local flag check.
+//! A recorder is set only by tests, per thread (the fs core driven without a mount) or
+//! for the whole process (`tests/powercut.rs`: a mount served by this process while
+//! real databases commit on it); an injected write failure ([`fail_thread_write`]) is
+//! set per thread, by tests. The daemon never sets either, and then each call costs one
+//! thread-local flag check and one relaxed atomic load.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
@@ -15,6 +17,8 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
@@ -70,7 +74,7 @@ pub enum Op<'a> {
     SyncDir { dir: BorrowedFd<'a> },
 }
 
-/// Receives every backing call of this thread after it succeeded.
+/// Receives every backing call of this thread (or process) after it succeeded.
 pub trait Recorder {
     fn record(&self, op: &Op<'_>);
 }
@@ -110,6 +114,24 @@ pub fn set_thread_recorder(r: Option<Rc<dyn Recorder>>) {
     RECORDER.with(|cell| *cell.borrow_mut() = r);
 }
 
+/// A recorder of every thread's backing calls.
+pub type ProcessRecorder = Arc<dyn Recorder + Send + Sync>;
+
+static PROCESS_ON: AtomicBool = AtomicBool::new(false);
+static PROCESS_RECORDER: RwLock<Option<ProcessRecorder>> = RwLock::new(None);
+
+/// Record the backing calls of every thread of the process with `r` (`None`: stop
+/// recording). For tests. A call is recorded after it returned, from the thread that
+/// made it: calls made concurrently by several threads are recorded in the order their
+/// records reach `r`, so a test that needs the exact order serves with one thread.
+pub fn set_process_recorder(r: Option<ProcessRecorder>) {
+    let on = r.is_some();
+    *PROCESS_RECORDER
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = r;
+    PROCESS_ON.store(on, Ordering::Relaxed);
+}
+
 /// Make the `nth` (from 1) `pwrite_all` of this thread from now on write only its
 /// first `partial` bytes (fewer if it has fewer) and then fail with ENOSPC, as a
 /// copy-on-write backing filesystem can after `fallocate` reserved the space. Later
@@ -144,6 +166,18 @@ pub(super) fn note(make: impl FnOnce(&dyn Recorder)) {
                 make(r.as_ref());
             }
         });
+    } else if PROCESS_ON.load(Ordering::Relaxed) {
+        note_process(make);
+    }
+}
+
+#[cold]
+fn note_process(make: impl FnOnce(&dyn Recorder)) {
+    let guard = PROCESS_RECORDER
+        .read()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(r) = guard.as_ref() {
+        make(r.as_ref());
     }
 }
 

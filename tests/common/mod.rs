@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod crashmodel;
 pub mod kms;
 
 pub fn earfs() -> &'static str {
