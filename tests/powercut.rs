@@ -148,6 +148,7 @@ impl Rec {
             }))
         };
         match op {
+            Op::Read { .. } => Ok(None), // changes nothing
             Op::Write { fd, off, data: d } => data(
                 *fd,
                 FileOp::Write {
