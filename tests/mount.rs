@@ -915,12 +915,7 @@ fn killed_daemon_leaves_an_erroring_mount_that_umount_clears_and_fsynced_data_su
     });
     assert!(errored, "a dead daemon's mount must error");
     // `earfs umount` clears it.
-    let out = run(&["umount", vol.mnt.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    earfs_ok(&["umount", vol.mnt.to_str().unwrap()]);
     assert!(!is_mounted(&vol.mnt));
     let m2 = vol.mount(&[]);
     assert_eq!(fs::read(m2.path("durable")).unwrap(), data);
@@ -1057,9 +1052,8 @@ fn eio_from_the_backing_store_reaches_the_caller() {
 #[test]
 fn info_and_speed_report_the_volume_and_the_cipher() {
     let vol = Volume::new();
-    let out = run(&["info", "--json", vol.backing.to_str().unwrap()]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = earfs_ok(&["info", "--json", vol.backing.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let conf = fs::read_to_string(vol.backing.join("earfs.conf")).unwrap();
     assert!(conf.contains(v["volume_id"].as_str().unwrap()));
     assert_eq!(v["cipher"], "aes-256-xts");
@@ -1070,9 +1064,8 @@ fn info_and_speed_report_the_volume_and_the_cipher() {
         v["aes_implementation"].as_str().unwrap(),
         earfs::crypto::implementation()
     );
-    let out = run(&["speed", "--json", "--seconds", "0.1"]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = earfs_ok(&["speed", "--json", "--seconds", "0.1"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["sector_size"], 4096);
     assert!(v["encrypt_bytes_per_sec"].as_f64().unwrap() > 1e6);
     assert!(v["decrypt_bytes_per_sec"].as_f64().unwrap() > 1e6);
@@ -1177,6 +1170,17 @@ fn a_volume_of_an_unknown_format_is_refused_with_one_line() {
     assert!(!common::is_mounted(&vol.mnt));
 }
 
+/// Run earfs, which must succeed; its standard output.
+fn earfs_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "earfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The format a backing file's header names (bytes 8..10).
 fn header_version(path: &std::path::Path) -> u16 {
     let h = fs::read(path).unwrap();
@@ -1185,13 +1189,8 @@ fn header_version(path: &std::path::Path) -> u16 {
 
 /// `earfs info --files --json BACKING`'s census.
 fn census_of(backing: &std::path::Path) -> serde_json::Value {
-    let out = run(&["info", "--files", "--json", backing.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["files"].clone()
+    let out = earfs_ok(&["info", "--files", "--json", backing.to_str().unwrap()]);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["files"].clone()
 }
 
 #[test]
@@ -1208,13 +1207,7 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
         assert_eq!(c["v1_convertible"], 1, "{c}");
 
         // Through the running daemon.
-        let out = run(&["upgrade", backing]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = earfs_ok(&["upgrade", backing]);
         assert!(
             said.contains("now writes format 2 (was 1; through the running daemon)"),
             "{said}"
@@ -1246,21 +1239,15 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
             [&[7u8; 32][..], b"abc"].concat()
         );
 
-        let out = run(&["status", "--files", "--json", vol.mnt.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let out = earfs_ok(&["status", "--files", "--json", vol.mnt.to_str().unwrap()]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(st["format"], 2, "{st}");
         assert_eq!(
             st["files"]["formats"],
             serde_json::json!({"1": 1, "2": 2}),
             "{st}"
         );
-        let out = run(&["status", "--files", vol.mnt.to_str().unwrap()]);
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = earfs_ok(&["status", "--files", vol.mnt.to_str().unwrap()]);
         assert!(text.contains("format:        2 (new files)"), "{text}");
         assert!(text.contains("format 1:    1"), "{text}");
 
@@ -1271,9 +1258,7 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
             serde_json::json!({"2": 3})
         );
         // Again: nothing to do.
-        let out = run(&["upgrade", backing]);
-        assert!(out.status.success());
-        assert!(String::from_utf8_lossy(&out.stdout).contains("already writes format 2"));
+        assert!(earfs_ok(&["upgrade", backing]).contains("already writes format 2"));
     }
     let m = vol.mount(&[]);
     assert_eq!(fs::read(m.path("odd")).unwrap(), b"z");
@@ -1289,13 +1274,8 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
         let m = off.mount(&[]);
         fs::write(m.path("old"), b"v1 bytes").unwrap();
     }
-    let out = run(&["upgrade", off.backing.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("(was 1; not mounted"));
+    let out = earfs_ok(&["upgrade", off.backing.to_str().unwrap()]);
+    assert!(out.contains("(was 1; not mounted"));
     let m = off.mount(&[]);
     assert_eq!(fs::read(m.path("old")).unwrap(), b"v1 bytes");
     fs::write(m.path("fresh"), b"v2").unwrap();
@@ -1318,13 +1298,7 @@ fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading(
     {
         let m = vol.mount(&[]);
         fs::write(m.path("one"), b"under version 1").unwrap();
-        let out = run(&["rotate", backing]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = earfs_ok(&["rotate", backing]);
         assert!(
             said.contains("version 2 is current (was 1; through the running daemon)"),
             "{said}"
@@ -1344,28 +1318,16 @@ fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading(
         fs::write(m.path("again"), b"y").unwrap();
         assert_eq!(header_key_version(&m.backing("again")), 2);
         assert_eq!(fs::read(m.path("one")).unwrap(), b"under version 1");
-        let out = run(&["status", "--json", vol.mnt.to_str().unwrap()]);
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let out = earfs_ok(&["status", "--json", vol.mnt.to_str().unwrap()]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(st["key_versions"], serde_json::json!([1, 2]), "{st}");
         assert_eq!(st["current_key_version"], 2, "{st}");
     }
     // Not mounted: version 3.
-    let out = run(&["rotate", backing]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("version 3 is current (was 2; not mounted")
-    );
-    let out = run(&["keys", "--json", backing]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = earfs_ok(&["rotate", backing]);
+    assert!(out.contains("version 3 is current (was 2; not mounted"));
+    let out = earfs_ok(&["keys", "--json", backing]);
+    let k: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(k["current"], 3, "{k}");
     let per: Vec<(u64, u64)> = k["versions"]
         .as_array()

@@ -569,6 +569,14 @@ mod tests {
     use super::*;
     use crate::kms::{LocalProvider, create_key_file};
 
+    /// A local key file in `dir`, its provider and spec.
+    fn local_key(dir: &Path) -> (LocalProvider, ProviderSpec) {
+        let key = dir.join("key");
+        create_key_file(&key).unwrap();
+        let prov = LocalProvider::open(&key).unwrap();
+        (prov, ProviderSpec::Local { key_file: key })
+    }
+
     #[test]
     fn create_load_unlock_and_tamper() {
         let d = tempfile::tempdir().unwrap();
@@ -621,10 +629,7 @@ mod tests {
     #[test]
     fn join_by_config_or_export_keeps_the_keyring_and_checks_the_mac() {
         let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("key");
-        create_key_file(&key).unwrap();
-        let prov = LocalProvider::open(&key).unwrap();
-        let spec = ProviderSpec::Local { key_file: key };
+        let (prov, spec) = local_key(d.path());
         let first = d.path().join("first");
         let cfg = create(&first, spec.clone(), &prov, NEW_VOLUME_FORMAT).unwrap();
         let deks = cfg.unlock(&first, &prov).unwrap();
@@ -666,10 +671,7 @@ mod tests {
     #[test]
     fn upgrade_rewrites_the_format_under_a_new_mac_and_never_goes_back() {
         let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("key");
-        create_key_file(&key).unwrap();
-        let prov = LocalProvider::open(&key).unwrap();
-        let spec = ProviderSpec::Local { key_file: key };
+        let (prov, spec) = local_key(d.path());
         let b = d.path().join("v");
         let mut cfg = create(&b, spec, &prov, 1).unwrap();
         let deks = cfg.unlock(&b, &prov).unwrap();
@@ -703,10 +705,7 @@ mod tests {
     #[test]
     fn rotate_adds_a_current_version_sealed_with_it_and_keeps_the_old_ones() {
         let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("key");
-        create_key_file(&key).unwrap();
-        let prov = LocalProvider::open(&key).unwrap();
-        let spec = ProviderSpec::Local { key_file: key };
+        let (prov, spec) = local_key(d.path());
         let b = d.path().join("v");
         let mut cfg = create(&b, spec, &prov, NEW_VOLUME_FORMAT).unwrap();
         let mut deks = cfg.unlock(&b, &prov).unwrap();
