@@ -627,6 +627,31 @@ fn scratch_root() -> PathBuf {
     }
 }
 
+/// Explore each recording under both persistence models, at most `per_point` states per
+/// crash point.
+fn explore_models(
+    format: FileFormat,
+    dek: &Dek,
+    scratch: &Path,
+    per_point: u64,
+    recordings: &[&[Ev]],
+    rng: &mut StdRng,
+    t: &mut Tally,
+) {
+    for model in [Model::Worst, Model::Ordered] {
+        let x = Explore {
+            format,
+            dek,
+            model,
+            scratch,
+            per_point,
+        };
+        for evs in recordings {
+            explore(&x, evs, rng, t);
+        }
+    }
+}
+
 fn explore_format(format: FileFormat, seeds: std::ops::Range<u64>, steps: usize) -> Tally {
     let dek = Dek::generate().unwrap();
     let mut tally = Tally::default();
@@ -642,17 +667,7 @@ fn explore_format(format: FileFormat, seeds: std::ops::Range<u64>, steps: usize)
         let evs2 = run_rename(seed, format, &dek, &rename_dir, 6);
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         let s = scratch.path().join("s");
-        for model in [Model::Worst, Model::Ordered] {
-            let x = Explore {
-                format,
-                dek: &dek,
-                model,
-                scratch: &s,
-                per_point: 96,
-            };
-            explore(&x, &evs, &mut rng, &mut tally);
-            explore(&x, &evs2, &mut rng, &mut tally);
-        }
+        explore_models(format, &dek, &s, 96, &[&evs, &evs2], &mut rng, &mut tally);
     }
     tally
 }
@@ -732,16 +747,7 @@ fn a_synced_log_record_survives_the_next_append_only_in_v2() {
             let mut t = Tally::default();
             let mut rng = StdRng::seed_from_u64(1);
             let s = scratch.path().join("s");
-            for model in [Model::Worst, Model::Ordered] {
-                let x = Explore {
-                    format,
-                    dek: &dek,
-                    model,
-                    scratch: &s,
-                    per_point: 4096,
-                };
-                explore(&x, &evs, &mut rng, &mut t);
-            }
+            explore_models(format, &dek, &s, 4096, &[&evs], &mut rng, &mut t);
             println!(
                 "appends {name}, {format:?}: {} states, {} wrong, {} with a synced byte lost; {:?}",
                 t.states,

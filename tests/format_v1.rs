@@ -6,16 +6,11 @@
 //! format_v1 -- --ignored write_fixtures` and are never regenerated.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::ffi::OsStr;
 use std::path::PathBuf;
-
-use earfs::fs::{ROOT_ID, SetAttr};
-use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
-use earfs::volume;
 
 #[path = "common/fixture.rs"]
 mod fixture;
-use fixture::{ME, fixture_copy, open, pattern, read_all};
+use fixture::{fixture_copy, open, pattern, read_all, write_fixture_volume};
 
 const SIZES: [u64; 10] = [0, 1, 15, 16, 17, 4095, 4096, 4097, 8191, 12288];
 const SPARSE_SIZE: u64 = 3 * 4096 + 100;
@@ -31,51 +26,14 @@ fn write_fixtures() {
     if std::env::var_os("EARFS_WRITE_FIXTURES").is_none() {
         return;
     }
-    let dir = fixture_dir();
-    assert!(
-        !dir.join("backing/earfs.conf").exists(),
-        "fixtures are frozen"
-    );
-    let key = dir.join("master.key");
-    create_key_file(&key).unwrap();
-    let prov = LocalProvider::open(&key).unwrap();
-    let backing = dir.join("backing");
-    let cfg = volume::create(
-        &backing,
-        ProviderSpec::Local {
-            key_file: "/etc/earfs/fixture-v1.key".into(),
-        },
-        &prov,
+    let (fs, fh) = write_fixture_volume(
+        &fixture_dir(),
         1,
-    )
-    .unwrap();
-    let fs = open(&backing, &cfg, &prov);
-    for n in SIZES {
-        let (_, fh) = fs
-            .create(
-                ROOT_ID,
-                OsStr::new(&format!("size-{n}")),
-                0o644,
-                libc::O_RDWR,
-                ME,
-            )
-            .unwrap();
-        fs.write(fh, 0, &pattern(n)).unwrap();
-        fs.release(fh);
-    }
-    let (a, fh) = fs
-        .create(ROOT_ID, OsStr::new("sparse"), 0o644, libc::O_RDWR, ME)
-        .unwrap();
-    fs.setattr(
-        a.ino,
-        Some(fh),
-        SetAttr {
-            size: Some(SPARSE_SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    fs.write(fh, SPARSE_AT, b"tail").unwrap();
+        "/etc/earfs/fixture-v1.key",
+        &SIZES,
+        SPARSE_SIZE,
+        SPARSE_AT,
+    );
     fs.release(fh);
 }
 

@@ -12,13 +12,13 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use earfs::content::FileFormat;
-use earfs::fs::{ROOT_ID, SetAttr};
-use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
-use earfs::volume::{self, VolumeConfig};
+use earfs::fs::ROOT_ID;
+use earfs::kms::LocalProvider;
+use earfs::volume::VolumeConfig;
 
 #[path = "common/fixture.rs"]
 mod fixture;
-use fixture::{ME, fixture_copy, open, pattern, read_all};
+use fixture::{fixture_copy, open, pattern, read_all, write_fixture_volume};
 
 const SIZES: [u64; 10] = [0, 1, 15, 16, 17, 31, 4095, 4096, 4097, 8191];
 /// `sparse`: truncated up to 3 sectors + 100 bytes (sectors 0..3 stay all-zero, stored
@@ -46,53 +46,14 @@ fn write_fixtures() {
     if std::env::var_os("EARFS_WRITE_FIXTURES").is_none() {
         return;
     }
-    let dir = fixture_dir();
-    assert!(
-        !dir.join("backing/earfs.conf").exists(),
-        "fixtures are frozen"
-    );
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("master.key");
-    create_key_file(&key).unwrap();
-    let prov = LocalProvider::open(&key).unwrap();
-    let backing = dir.join("backing");
-    let cfg = volume::create(
-        &backing,
-        ProviderSpec::Local {
-            key_file: "/etc/earfs/fixture-v2.key".into(),
-        },
-        &prov,
+    let (fs, fh) = write_fixture_volume(
+        &fixture_dir(),
         2,
-    )
-    .unwrap();
-    let fs = open(&backing, &cfg, &prov);
-    for n in SIZES {
-        let (_, fh) = fs
-            .create(
-                ROOT_ID,
-                OsStr::new(&format!("size-{n}")),
-                0o644,
-                libc::O_RDWR,
-                ME,
-            )
-            .unwrap();
-        fs.write(fh, 0, &pattern(n)).unwrap();
-        fs.fsync(fh, false).unwrap();
-        fs.release(fh);
-    }
-    let (a, fh) = fs
-        .create(ROOT_ID, OsStr::new("sparse"), 0o644, libc::O_RDWR, ME)
-        .unwrap();
-    fs.setattr(
-        a.ino,
-        Some(fh),
-        SetAttr {
-            size: Some(SPARSE_SIZE),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    fs.write(fh, SPARSE_AT, b"tail").unwrap();
+        "/etc/earfs/fixture-v2.key",
+        &SIZES,
+        SPARSE_SIZE,
+        SPARSE_AT,
+    );
     fs.write(fh, SPARSE_SIZE - SPARSE_END.len() as u64, SPARSE_END)
         .unwrap();
     fs.fsync(fh, false).unwrap();

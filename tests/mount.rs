@@ -1170,6 +1170,16 @@ fn a_volume_of_an_unknown_format_is_refused_with_one_line() {
     assert!(!common::is_mounted(&vol.mnt));
 }
 
+/// Append `data` to the file at `path`.
+fn append(path: &std::path::Path, data: &[u8]) {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
+}
+
 /// Run earfs, which must succeed; its standard output.
 fn earfs_ok(args: &[&str]) -> String {
     let out = run(args);
@@ -1219,19 +1229,9 @@ fn upgrade_switches_a_v1_volume_to_v2_mounted_or_not_and_files_follow_the_rules(
         // before the write that leaves it unaligned; truncate to zero makes a v2 file.
         fs::write(m.path("new"), b"x").unwrap();
         assert_eq!(header_version(&m.backing("new")), 2);
-        OpenOptions::new()
-            .append(true)
-            .open(m.path("odd"))
-            .unwrap()
-            .write_all(b"!")
-            .unwrap();
+        append(&m.path("odd"), b"!");
         assert_eq!(header_version(&m.backing("odd")), 1);
-        OpenOptions::new()
-            .append(true)
-            .open(m.path("even"))
-            .unwrap()
-            .write_all(b"abc")
-            .unwrap();
+        append(&m.path("even"), b"abc");
         assert_eq!(header_version(&m.backing("even")), 2);
         assert_eq!(fs::read(m.path("odd")).unwrap(), b"hello!");
         assert_eq!(
@@ -1354,4 +1354,19 @@ fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading(
     drop(m);
     let log = vol.log_text();
     assert!(log.contains("key version 2"), "{log}");
+    // A config changed by hand is refused before a new key is made, and left as it
+    // was (exit 15, as at a mount).
+    let text = fs::read_to_string(&conf).unwrap();
+    let n = common::test_format().number();
+    let edited = text.replacen(&format!("format = {n}"), &format!("format = {}", 3 - n), 1);
+    assert_ne!(edited, text);
+    fs::write(&conf, &edited).unwrap();
+    let out = run(&["rotate", backing]);
+    assert_eq!(
+        out.status.code(),
+        Some(15),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
 }

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -15,7 +14,6 @@ use crate::content::{
     FileFormat, HEADER_LEN, backing_size_to_plain_size, header_names, header_never_written,
     size_is_format_independent,
 };
-use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME};
 
 /// How many damaged files a census names (it counts them all).
 const NAMED_DAMAGED: usize = 20;
@@ -56,18 +54,19 @@ impl Census {
     }
 
     fn count(&mut self, path: &Path) -> std::io::Result<()> {
-        self.files += 1;
-        let mut f = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME)
-            .open(path)
-            .or_else(|_| {
-                File::options()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(path)
-            })?;
+        let open = |flags| {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | flags)
+                .open(path)
+        };
+        // O_NOATIME is refused (EPERM) to a caller who does not own the file.
+        let mut f = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+            r => r?,
+        };
         let len = f.metadata()?.len();
+        self.files += 1;
         if len == 0 {
             self.empty += 1;
             return Ok(());
@@ -132,10 +131,7 @@ pub fn census(backing: &Path, mut progress: impl FnMut(&Census)) -> std::io::Res
         for entry in entries {
             let entry = entry.map_err(|e| with_path(&dir, e))?;
             let name = entry.file_name();
-            if top
-                && (name.as_bytes() == CONFIG_NAME.as_bytes()
-                    || name.as_bytes() == CONFIG_TMP_NAME.as_bytes())
-            {
+            if top && super::is_reserved_root_name(&name) {
                 continue;
             }
             let path = entry.path();
@@ -149,12 +145,10 @@ pub fn census(backing: &Path, mut progress: impl FnMut(&Census)) -> std::io::Res
                 stack.push(path);
             } else if kind.is_file() {
                 match c.count(&path) {
+                    Ok(()) if c.files.is_multiple_of(1000) => progress(&c),
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => c.files -= 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(with_path(&path, e)),
-                }
-                if c.files.is_multiple_of(1000) {
-                    progress(&c);
                 }
             }
         }
@@ -171,6 +165,7 @@ mod tests {
     use super::*;
     use crate::content::{Keyring, new_header};
     use crate::crypto::Dek;
+    use crate::volume::CONFIG_NAME;
 
     fn file(dir: &Path, name: &str, bytes: &[u8]) {
         std::fs::write(dir.join(name), bytes).unwrap();

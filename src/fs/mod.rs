@@ -38,6 +38,12 @@ pub use inode::{FileKind, Inode, ROOT_ID};
 use dir::DirHandle;
 use inode::InodeTable;
 
+/// Whether `name` in the backing root is the volume's own (its config), not a file of
+/// the mount.
+pub(crate) fn is_reserved_root_name(name: &OsStr) -> bool {
+    name.as_bytes() == CONFIG_NAME.as_bytes() || name.as_bytes() == CONFIG_TMP_NAME.as_bytes()
+}
+
 /// Attributes of a file as the mount shows them (plaintext size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
@@ -227,9 +233,7 @@ impl EarFs {
     }
 
     fn is_reserved(parent: u64, name: &OsStr) -> bool {
-        parent == ROOT_ID
-            && (name.as_bytes() == CONFIG_NAME.as_bytes()
-                || name.as_bytes() == CONFIG_TMP_NAME.as_bytes())
+        parent == ROOT_ID && is_reserved_root_name(name)
     }
 
     /// Attributes from a backing stat. The size of a file is decoded from its backing

@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use earfs::content::{FileFormat, Keyring};
-use earfs::fs::{Caller, EarFs, ROOT_ID};
-use earfs::kms::LocalProvider;
-use earfs::volume::VolumeConfig;
+use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
+use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
+use earfs::volume::{self, VolumeConfig};
 
 pub const ME: Caller = Caller { uid: 0, gid: 0 };
 
@@ -73,4 +73,52 @@ pub fn fixture_copy(fixture: &Path) -> (tempfile::TempDir, PathBuf, LocalProvide
     let backing = tmp.path().join("backing");
     let cfg = VolumeConfig::load(&backing).unwrap();
     (tmp, backing, prov, cfg)
+}
+
+/// Write a fixture volume into `dir` (which must not hold one: fixtures are frozen):
+/// format `format`, its config naming `recorded_key` as the key file, a file `size-N`
+/// holding `pattern(N)` for each of `sizes`, and a file `sparse` truncated up to
+/// `sparse_size` with `tail` written at `tail_at`. Returns the fs and the open handle of
+/// `sparse`, for the caller's further writes (it releases it).
+pub fn write_fixture_volume(
+    dir: &Path,
+    format: u32,
+    recorded_key: &str,
+    sizes: &[u64],
+    sparse_size: u64,
+    tail_at: u64,
+) -> (EarFs, u64) {
+    assert!(
+        !dir.join("backing/earfs.conf").exists(),
+        "fixtures are frozen"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let key = dir.join("master.key");
+    create_key_file(&key).unwrap();
+    let prov = LocalProvider::open(&key).unwrap();
+    let backing = dir.join("backing");
+    let spec = ProviderSpec::Local {
+        key_file: recorded_key.into(),
+    };
+    let cfg = volume::create(&backing, spec, &prov, format).unwrap();
+    let fs = open(&backing, &cfg, &prov);
+    for &n in sizes {
+        let name = format!("size-{n}");
+        let (_, fh) = fs
+            .create(ROOT_ID, OsStr::new(&name), 0o644, libc::O_RDWR, ME)
+            .unwrap();
+        fs.write(fh, 0, &pattern(n)).unwrap();
+        fs.fsync(fh, false).unwrap();
+        fs.release(fh);
+    }
+    let (a, fh) = fs
+        .create(ROOT_ID, OsStr::new("sparse"), 0o644, libc::O_RDWR, ME)
+        .unwrap();
+    let grow = SetAttr {
+        size: Some(sparse_size),
+        ..Default::default()
+    };
+    fs.setattr(a.ino, Some(fh), grow).unwrap();
+    fs.write(fh, tail_at, b"tail").unwrap();
+    (fs, fh)
 }
