@@ -35,7 +35,7 @@ pub(super) fn upgrade(backing: &Path, deadline: u64) -> Result<(), Failure> {
         cfg.volume_id
     );
     println!(
-        "files keep their format: a v1 file whose size is a multiple of 16 becomes v2 at its next write; other v1 files stay v1 until truncated to zero or replaced (see `earfs info --files {}`)",
+        "files keep their format: a v1 file whose size is a multiple of 16 becomes v2 before a write leaves it unaligned; other v1 files stay v1 until truncated to zero or replaced (see `earfs info --files {}`)",
         backing.display()
     );
     Ok(())

@@ -39,7 +39,7 @@ pub(super) fn print_census(c: &Census, pad: &str) {
         let n = c.of_format(*f);
         if *f == FileFormat::V1 && n > 0 {
             println!(
-                "{pad}  format 1:    {n} (of which {} turn format 2 at their next write; the others stay format 1 until truncated to zero or replaced)",
+                "{pad}  format 1:    {n} (of which {} turn format 2 before a write leaves them unaligned; the others stay format 1 until truncated to zero or replaced)",
                 c.v1_convertible
             );
         } else {

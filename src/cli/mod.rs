@@ -146,7 +146,7 @@ pub enum Command {
     /// Runs on an unmounted volume (earfs.conf is rewritten, signed with the data key
     /// unwrapped through the KMS) or on a mounted one (through its daemon's control
     /// socket, as root; new files are format 2 at once). Files keep their format: a v1
-    /// file whose size is a multiple of 16 becomes v2 at its next write, other v1 files
+    /// file whose size is a multiple of 16 becomes v2 before a write leaves it unaligned, other v1 files
     /// stay v1 until truncated to zero or replaced (`earfs info --files` counts them).
     Upgrade {
         /// Seconds that the KMS may take (see mount --kms-deadline).
