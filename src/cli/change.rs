@@ -1,5 +1,6 @@
-//! Commands that change a volume's `earfs.conf`: `earfs upgrade` (write format 2) and
-//! `earfs rotate` (a new current data key version). Each works on an unmounted volume
+//! Commands that change a volume's `earfs.conf`: `earfs upgrade` (write format 2),
+//! `earfs rotate` (a new current data key version) and `earfs rewrap` (the data keys
+//! wrapped again, under the same key or another). Each works on an unmounted volume
 //! (it takes the volume's lock, unwraps the keys through the KMS, checks the MAC and
 //! rewrites the config atomically) or on a mounted one, through its daemon's control
 //! socket: the daemon does the same and switches at once.
@@ -7,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::kms::retry;
+use super::KmsArgs;
+use super::kms::{node_spec, open_validated, retry};
 use crate::crypto::Dek;
 use crate::daemon::control::{request, request_status, sockets};
 use crate::daemon::{self, Failure, exit};
@@ -62,8 +64,55 @@ fn canonical(backing: &Path) -> Result<PathBuf, Failure> {
         .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))
 }
 
-/// Run `offline` on the unmounted volume under its lock (keys unwrapped, MAC checked),
-/// or send `request` to the daemon that holds it. Returns (from, to) and how it went.
+/// Where a change was made.
+enum Done<T> {
+    /// On the unmounted volume, under its lock.
+    Here(T),
+    /// By the daemon that serves the volume: its reply.
+    Daemon(serde_json::Value),
+}
+
+/// Run `offline` on the unmounted volume under its lock (keys unwrapped through the
+/// provider `open` gives, MAC checked), or send `request` to the daemon that holds it
+/// and wait up to `timeout` for its reply.
+fn change_with<T>(
+    backing: &Path,
+    request_line: &str,
+    timeout: Duration,
+    open: impl FnOnce(&VolumeConfig) -> Result<Box<dyn KeyProvider>, Failure>,
+    offline: impl FnOnce(
+        &mut VolumeConfig,
+        &dyn KeyProvider,
+        &mut Vec<(u32, Dek)>,
+    ) -> Result<T, VolumeError>,
+) -> Result<Done<T>, Failure> {
+    match daemon::try_lock_volume(backing)? {
+        Some(_lock) => {
+            daemon::protect_key_material();
+            let mut cfg = VolumeConfig::load(backing)?;
+            let provider = open(&cfg)?;
+            let mut deks = cfg.unlock(backing, provider.as_ref())?;
+            Ok(Done::Here(offline(&mut cfg, provider.as_ref(), &mut deks)?))
+        }
+        None => {
+            let sock = daemon_of(backing)?;
+            let what = request_line.split(' ').next().unwrap_or(request_line);
+            let v = request(&sock, request_line, timeout).map_err(|e| {
+                Failure::new(
+                    exit::FAILURE,
+                    format!(
+                        "the daemon serving {} did not {what}: {e}",
+                        backing.display()
+                    ),
+                )
+            })?;
+            Ok(Done::Daemon(v))
+        }
+    }
+}
+
+/// [`change_with`] with the volume's own provider, for a change from one version or
+/// format number to another: returns (from, to) and how it went.
 fn change(
     backing: &Path,
     deadline: u64,
@@ -75,32 +124,103 @@ fn change(
     ) -> Result<(u32, u32), VolumeError>,
 ) -> Result<(u64, u64, &'static str), Failure> {
     let retry = retry(deadline)?;
-    match daemon::try_lock_volume(backing)? {
-        Some(_lock) => {
-            daemon::protect_key_material();
-            let mut cfg = VolumeConfig::load(backing)?;
-            let provider = cfg.kms.open(retry)?;
-            let mut deks = cfg.unlock(backing, provider.as_ref())?;
-            let (from, to) = offline(&mut cfg, provider.as_ref(), &mut deks)?;
-            Ok((from.into(), to.into(), "not mounted: earfs.conf rewritten"))
+    // The daemon unwraps the keys through the KMS: allow for its deadline.
+    let timeout = retry.deadline + Duration::from_secs(10);
+    let open = |cfg: &VolumeConfig| Ok(cfg.kms.open(retry)?);
+    Ok(match change_with(backing, what, timeout, open, offline)? {
+        Done::Here((from, to)) => (from.into(), to.into(), "not mounted: earfs.conf rewritten"),
+        Done::Daemon(v) => {
+            let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            (n("from"), n("to"), "through the running daemon")
+        }
+    })
+}
+
+/// `earfs rewrap BACKING [--kms … KEY]`: every data key wrapped again, under the
+/// volume's own key (after a rotation in the KMS) or the key the flags name.
+pub(super) fn rewrap(args: &KmsArgs, backing: &Path) -> Result<(), Failure> {
+    let backing = canonical(backing)?;
+    let cfg = VolumeConfig::load(&backing)?;
+    let r = retry(args.kms_deadline)?;
+    daemon::protect_key_material();
+    // The new key goes through init's validation before anything changes.
+    let (new_spec, new_provider) = match args.kms {
+        Some(kms) => {
+            let (spec, p) = open_validated(args, kms)?;
+            (Some(spec), Some(p))
         }
         None => {
-            let sock = daemon_of(backing)?;
-            // The daemon unwraps the keys through the KMS: allow for its deadline.
-            let v =
-                request(&sock, what, retry.deadline + Duration::from_secs(10)).map_err(|e| {
-                    Failure::new(
-                        exit::FAILURE,
-                        format!(
-                            "the daemon serving {} did not {what}: {e}",
-                            backing.display()
-                        ),
-                    )
-                })?;
-            let n = |k: &str| v[k].as_u64().unwrap_or(0);
-            Ok((n("from"), n("to"), "through the running daemon"))
+            let desc = node_spec(args, &cfg.kms)?.open(r)?.validate()?;
+            println!("key: {}", desc.key);
+            for d in &desc.details {
+                println!("  {d}");
+            }
+            (None, None)
         }
+    };
+    let versions = cfg.keyring.keys.len();
+    let has_node_flags = args.credentials.is_some()
+        || args.key_file.is_some()
+        || args.profile.is_some()
+        || args.region.is_some()
+        || args.endpoint_url.is_some();
+    let request_line = match &new_spec {
+        Some(spec) => format!(
+            "rewrap {}",
+            serde_json::to_string(spec).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?
+        ),
+        None => "rewrap".to_string(),
+    };
+    // Two KMS calls per version (wrap, unwrap again), the unlock and the validation.
+    let timeout = r.deadline * (2 * versions as u32 + 4) + Duration::from_secs(10);
+    let from = cfg.kms.key_reference();
+    let open_old = |cfg: &VolumeConfig| -> Result<Box<dyn KeyProvider>, Failure> {
+        match &new_spec {
+            // Per-node flags describe the new key; the old one is as recorded.
+            Some(_) => Ok(cfg.kms.open(r)?),
+            None => Ok(node_spec(args, &cfg.kms)?.open(r)?),
+        }
+    };
+    let offline = |cfg: &mut VolumeConfig,
+                   old: &dyn KeyProvider,
+                   deks: &mut Vec<(u32, Dek)>|
+     -> Result<usize, VolumeError> {
+        let to = new_spec.clone().unwrap_or_else(|| cfg.kms.clone());
+        let new = new_provider.as_deref().unwrap_or(old);
+        let mut done = 0;
+        cfg.rewrap(&backing, deks, to, new, &mut |v| {
+            done += 1;
+            eprintln!("rewrapped key version {v} ({done} of {versions})");
+        })
+    };
+    if daemon::try_lock_volume(&backing)?.is_none() && new_spec.is_none() && has_node_flags {
+        return Err(Failure::new(
+            exit::USAGE,
+            "the volume is mounted: its daemon rewraps with its own KMS settings; leave out --credentials, --key-file, --profile, --region and --endpoint-url (or unmount it)",
+        ));
     }
+    let (keys, to, how) = match change_with(&backing, &request_line, timeout, open_old, offline)? {
+        Done::Here(n) => (
+            n,
+            VolumeConfig::load(&backing)?.kms.key_reference(),
+            "not mounted: earfs.conf rewritten",
+        ),
+        Done::Daemon(v) => (
+            v["keys"].as_u64().unwrap_or(0) as usize,
+            v["to"].as_str().unwrap_or_default().to_string(),
+            "through the running daemon, which uses the new wrapping at once",
+        ),
+    };
+    println!(
+        "volume {}: {keys} data key version(s) wrapped again under {to} (was {from}; {how})",
+        cfg.volume_id
+    );
+    if to != from {
+        println!(
+            "this volume no longer needs {from}; other nodes of a cluster need the new keyring (`earfs export-keyring`, then `earfs import-keyring` on each) before it is disabled"
+        );
+    }
+    Ok(())
 }
 
 /// The control socket of the daemon that serves `backing` (canonical path).

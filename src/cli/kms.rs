@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use super::{Kms, KmsArgs};
 use crate::daemon::{self, Failure, exit};
-use crate::kms::{KeyProvider, KmsOverrides, PermissionCheck, ProviderSpec, Retry};
+use crate::kms::{
+    KeyProvider, KmsOverrides, PermissionCheck, ProviderSpec, Retry, create_key_file,
+};
 use crate::volume::{self, JoinSource, KeyringExport, VolumeConfig};
 
 /// The KMS bounds for a deadline in seconds.
@@ -108,6 +110,20 @@ pub(super) fn spec(args: &KmsArgs, kms: Kms) -> Result<ProviderSpec, Failure> {
     Ok(spec)
 }
 
+/// Create a `--kms local` key file that does not exist yet (mode 0600), and say so.
+pub(super) fn create_missing_key_file(spec: &ProviderSpec) -> Result<(), Failure> {
+    if let ProviderSpec::Local { key_file } = spec
+        && !key_file.exists()
+    {
+        create_key_file(key_file)?;
+        eprintln!(
+            "created key file {} (mode 0600): keep it safe, without it the data is lost",
+            key_file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Open the provider and validate its key; an AWS alias ARN is resolved to its key
 /// ARN, which is what the volume stores.
 pub(super) fn open_validated(
@@ -116,6 +132,7 @@ pub(super) fn open_validated(
 ) -> Result<(ProviderSpec, Box<dyn KeyProvider>), Failure> {
     let r = retry(args.kms_deadline)?;
     let mut spec = spec(args, kms)?;
+    create_missing_key_file(&spec)?;
     let provider = spec.open(r)?;
     let desc = provider.validate()?;
     println!("key: {}", desc.key);
@@ -136,7 +153,7 @@ pub(super) fn open_validated(
 /// This node's settings for an existing keyring's key (a volume's, or one to join):
 /// the recorded ones, with the per-node flags (credentials, profile, endpoint, region)
 /// applied. The key itself cannot change.
-fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
+pub(super) fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
     if let Some(k) = args.kms
         && kms_name(k) != source.name()
     {
@@ -205,10 +222,19 @@ pub(super) fn join(args: &KmsArgs, file: &Path, backing: &Path) -> Result<(), Fa
     Ok(())
 }
 
-/// `earfs kms-check`: a key from the flags, or an existing volume's.
-pub(super) fn check(args: &KmsArgs, json: bool, backing: Option<&Path>) -> Result<(), Failure> {
-    let outcome = run_check(args, backing);
-    let (spec, checks) = match outcome {
+/// The checks of one key: its provider spec and each permission tried.
+type Side = (ProviderSpec, Vec<PermissionCheck>);
+
+/// `earfs kms-check`: a key from the flags, or an existing volume's (and, with
+/// `--new-key`, the key a rewrap would move it to).
+pub(super) fn check(
+    args: &KmsArgs,
+    json: bool,
+    new_key: bool,
+    backing: Option<&Path>,
+) -> Result<(), Failure> {
+    let outcome = run_check(args, new_key, backing);
+    let sides = match outcome {
         Ok(v) => v,
         Err(f) => {
             if json {
@@ -218,26 +244,41 @@ pub(super) fn check(args: &KmsArgs, json: bool, backing: Option<&Path>) -> Resul
             return Err(f);
         }
     };
-    let ok = checks.iter().all(|c| c.ok);
+    let all: Vec<&PermissionCheck> = sides.iter().flat_map(|(_, c)| c).collect();
+    let ok = all.iter().all(|c| c.ok);
     if json {
-        let v = serde_json::json!({
-            "ok": ok,
-            "provider": spec.name(),
-            "key": spec.key_reference(),
-            "checks": checks,
-        });
+        let side = |(spec, checks): &Side| {
+            serde_json::json!({
+                "provider": spec.name(),
+                "key": spec.key_reference(),
+                "checks": checks,
+            })
+        };
+        let mut v = side(&sides[0]);
+        v["ok"] = ok.into();
+        if let Some(new) = sides.get(1) {
+            v["new_key"] = side(new);
+        }
         println!("{v:#}");
     } else {
-        print_table(&spec, &checks);
+        for (i, (spec, checks)) in sides.iter().enumerate() {
+            if sides.len() > 1 {
+                println!(
+                    "{}",
+                    if i == 0 {
+                        "the volume's key (what a rewrap needs of it):"
+                    } else {
+                        "\nthe new key:"
+                    }
+                );
+            }
+            print_table(spec, checks);
+        }
     }
     if ok {
         Ok(())
     } else {
-        let failed: Vec<&str> = checks
-            .iter()
-            .filter(|c| !c.ok)
-            .map(|c| c.permission)
-            .collect();
+        let failed: Vec<&str> = all.iter().filter(|c| !c.ok).map(|c| c.permission).collect();
         let code = if failed == [MAC_ROW] {
             exit::CONFIG_TAMPERED
         } else {
@@ -248,24 +289,42 @@ pub(super) fn check(args: &KmsArgs, json: bool, backing: Option<&Path>) -> Resul
             format!(
                 "{} of {} checks failed: {}",
                 failed.len(),
-                checks.len(),
+                all.len(),
                 failed.join(", ")
             ),
         ))
     }
 }
 
-fn run_check(
-    args: &KmsArgs,
-    backing: Option<&Path>,
-) -> Result<(ProviderSpec, Vec<PermissionCheck>), Failure> {
+fn run_check(args: &KmsArgs, new_key: bool, backing: Option<&Path>) -> Result<Vec<Side>, Failure> {
     daemon::protect_key_material();
     let r = retry(args.kms_deadline)?;
     match backing {
+        Some(b) if new_key => {
+            let kms = args.kms.ok_or_else(|| {
+                usage("--new-key needs the new key: --kms aws --key-arn …, --kms gcp --key-resource … or --kms local --key-file …")
+            })?;
+            let cfg = VolumeConfig::load(b)?;
+            let wrapped = cfg.current_wrapped(b)?;
+            // The flags name the new key; the volume's is reached as recorded.
+            let old = cfg.kms.open(r)?;
+            let mut checks: Vec<PermissionCheck> = old
+                .check(&cfg.keyring.id, Some(&wrapped))
+                .into_iter()
+                .filter(|c| UNWRAP_CALLS.contains(&c.operation))
+                .collect();
+            if checks.iter().all(|c| c.ok) {
+                checks.push(mac_check(&cfg, b, old.as_ref())?);
+            }
+            let spec_new = spec(args, kms)?;
+            let new = spec_new.open(r)?;
+            let new_checks = new.check(&cfg.keyring.id, None);
+            Ok(vec![(cfg.kms.clone(), checks), (spec_new, new_checks)])
+        }
         Some(b) => {
             if args.kms.is_some() || args.key_arn.is_some() || args.key_resource.is_some() {
                 return Err(usage(
-                    "give either a volume's BACKING directory or a key (--kms …), not both",
+                    "give either a volume's BACKING directory or a key (--kms …), not both (or add --new-key to check a key to rewrap to)",
                 ));
             }
             let cfg = VolumeConfig::load(b)?;
@@ -277,7 +336,7 @@ fn run_check(
             if checks.iter().all(|c| c.ok) {
                 checks.push(mac_check(&cfg, b, provider.as_ref())?);
             }
-            Ok((spec, checks))
+            Ok(vec![(spec, checks)])
         }
         None => {
             let kms = args.kms.ok_or_else(|| {
@@ -287,10 +346,14 @@ fn run_check(
             let provider = spec.open(r)?;
             let probe_ring = format!("earfs-kms-check-{}", uuid::Uuid::new_v4());
             let checks = provider.check(&probe_ring, None);
-            Ok((spec, checks))
+            Ok(vec![(spec, checks)])
         }
     }
 }
+
+/// The calls that unwrap a data key, one per provider: all that a rewrap needs of the
+/// key it moves away from.
+const UNWRAP_CALLS: [&str; 3] = ["Decrypt", "cryptoKeys.decrypt", "unwrap"];
 
 /// The row of the `earfs.conf` MAC check.
 const MAC_ROW: &str = "earfs.conf";

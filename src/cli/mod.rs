@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::daemon::{self, Failure, exit};
-use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry, create_key_file};
+use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry};
 use crate::volume::{self, VolumeConfig};
 
 mod change;
@@ -107,12 +107,19 @@ pub enum Command {
     /// creating a volume, or the BACKING directory of an existing volume (--credentials,
     /// --profile, --region and --endpoint-url then override what the volume recorded at
     /// init, as they do at mount). Exits 0 only if every check passes.
+    ///
+    /// With BACKING and --new-key, the --kms flags name the key a rewrap would move the
+    /// volume to: the volume's key is checked for what a rewrap needs of it (unwrapping
+    /// every data key, the earfs.conf MAC) and the new key for everything earfs needs.
     KmsCheck {
         #[command(flatten)]
         kms: KmsArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Check the volume's key and the key given with --kms for `earfs rewrap`.
+        #[arg(long, requires = "backing")]
+        new_key: bool,
         /// Backing directory of an existing volume.
         backing: Option<PathBuf>,
     },
@@ -167,6 +174,23 @@ pub enum Command {
         /// Seconds that the KMS may take (see mount --kms-deadline).
         #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
         kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
+    /// Wrap every data key again: under the volume's own KMS key (after a rotation in
+    /// the KMS, so that the old key material can be disabled), or under another key or
+    /// provider given with --kms and its key (local, aws, gcp in any direction).
+    ///
+    /// The data keys, their versions and the keyring id stay, so no file changes. The
+    /// new key is validated as at init; each key is wrapped, then unwrapped again through
+    /// the new key and compared before earfs.conf is rewritten (atomically, under a new
+    /// MAC): once this returns the old key is not needed by this volume. Without --kms,
+    /// --credentials, --profile, --region and --endpoint-url override the recorded
+    /// settings for this run. Runs on an unmounted volume, or on a mounted one through
+    /// its daemon (as root), which uses the new key at once, its CMK checks included.
+    Rewrap {
+        #[command(flatten)]
+        kms: KmsArgs,
         /// Backing directory of the volume.
         backing: PathBuf,
     },
@@ -227,7 +251,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Some(file) => kms::join(&kms, &file, &backing),
             None => init(&kms, backing, format_version),
         },
-        Command::KmsCheck { kms, json, backing } => kms::check(&kms, json, backing.as_deref()),
+        Command::KmsCheck {
+            kms,
+            json,
+            new_key,
+            backing,
+        } => kms::check(&kms, json, new_key, backing.as_deref()),
         Command::ExportKeyring {
             output,
             kms_deadline,
@@ -248,6 +277,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             kms_deadline,
             backing,
         } => change::rotate(&backing, kms_deadline),
+        Command::Rewrap { kms, backing } => change::rewrap(&kms, &backing),
         Command::Keys { json, backing } => files::keys(&backing, json),
         Command::Info {
             json,
@@ -268,15 +298,7 @@ fn init(args: &KmsArgs, backing: PathBuf, format: u32) -> Result<(), Failure> {
     volume::check_new(&backing)?;
     let cfg = if kms == Kms::Local {
         let spec = kms::spec(args, kms)?;
-        if let ProviderSpec::Local { key_file } = &spec
-            && !key_file.exists()
-        {
-            create_key_file(key_file)?;
-            eprintln!(
-                "created key file {} (mode 0600): keep it safe, without it the data is lost",
-                key_file.display()
-            );
-        }
+        kms::create_missing_key_file(&spec)?;
         let provider = spec.open(Retry::default())?;
         volume::create(&backing, spec, provider.as_ref(), format)?
     } else {

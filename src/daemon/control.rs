@@ -4,7 +4,8 @@
 //! 0600), named after a hash of the mountpoint. Only root may use it: the peer's
 //! credentials are checked on every connection. The protocol is one request line
 //! (`status`; `upgrade`: make the volume write the newest format; `rotate`: a new
-//! current data key version) and one JSON reply.
+//! current data key version; `rewrap [SPEC-JSON]`: wrap the data keys again, under
+//! the volume's key or the one SPEC names) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -16,6 +17,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::state::Shared;
+use crate::kms::ProviderSpec;
 
 /// Environment variable overriding the runtime directory (tests).
 pub const RUNTIME_DIR_ENV: &str = "EARFS_RUNTIME_DIR";
@@ -83,7 +85,8 @@ fn answer(shared: &Shared, conn: UnixStream) {
         );
         return;
     }
-    let reply = match line.trim() {
+    let (verb, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+    let reply = match verb {
         "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
         "upgrade" => match shared.upgrade() {
             Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
@@ -93,6 +96,18 @@ fn answer(shared: &Shared, conn: UnixStream) {
             Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
             Err(e) => serde_json::json!({ "error": e }).to_string(),
         },
+        "rewrap" => {
+            let spec = match arg {
+                "" => Ok(None),
+                json => serde_json::from_str::<ProviderSpec>(json)
+                    .map(Some)
+                    .map_err(|e| format!("rewrap: bad key spec: {e}")),
+            };
+            match spec.and_then(|s| shared.rewrap(s)) {
+                Ok(r) => serde_json::to_string(&r).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": e }).to_string(),
+            }
+        }
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     let _ = writeln!(w, "{reply}");

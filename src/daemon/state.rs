@@ -14,7 +14,7 @@ use crate::content::{FileFormat, Keyring};
 use crate::fs::EarFs;
 use crate::fs::stats::{OpSnapshot, errno_name, stats};
 use crate::fuse::CacheInvalidator;
-use crate::kms::{KeyProvider, KmsError, KmsOverrides, Retry};
+use crate::kms::{KeyProvider, KmsError, KmsOverrides, ProviderSpec, Retry};
 use crate::volume::{NEW_VOLUME_FORMAT, VolumeConfig};
 
 /// Settings that a SIGHUP may change.
@@ -290,7 +290,7 @@ impl Shared {
     /// format; every file created or truncated to zero from now on is in that format.
     /// Returns the formats before and after.
     pub fn upgrade(&self) -> Result<(u32, u32), String> {
-        self.change("upgrade", |cfg, _, deks, backing| {
+        self.change("upgrade", None, |cfg, _, deks, backing| {
             let from = cfg.format;
             cfg.upgrade(backing, deks, NEW_VOLUME_FORMAT)?;
             Ok((from, cfg.format))
@@ -301,19 +301,50 @@ impl Shared {
     /// once (new files and files truncated to zero use it); older versions keep
     /// reading. Returns the current version before and after.
     pub fn rotate(&self) -> Result<(u32, u32), String> {
-        self.change("rotate", |cfg, provider, deks, backing| {
+        self.change("rotate", None, |cfg, provider, deks, backing| {
             let from = cfg.keyring.current;
             let to = cfg.rotate(backing, provider, deks)?;
             Ok((from, to))
         })
     }
 
+    /// `earfs rewrap` through the control socket: wrap every data key again under
+    /// `spec` (another key or provider) or, without one, under the volume's own key.
+    /// The daemon uses the new key from then on (its periodic CMK check included).
+    /// Returns the key references before and after and how many keys were wrapped.
+    pub fn rewrap(&self, spec: Option<ProviderSpec>) -> Result<Rewrapped, String> {
+        let replace = match &spec {
+            Some(s) => {
+                s.validate().map_err(|e| e.to_string())?;
+                let p = s
+                    .open(self.settings().kms_retry)
+                    .map_err(|e| e.to_string())?;
+                p.validate().map_err(|e| e.to_string())?;
+                Some(p)
+            }
+            None => None,
+        };
+        self.change("rewrap", replace, |cfg, provider, deks, backing| {
+            let from = cfg.kms.key_reference();
+            let to = spec.unwrap_or_else(|| cfg.kms.clone());
+            let keys = cfg.rewrap(backing, deks, to, provider, &mut |_| {})?;
+            Ok(Rewrapped {
+                from,
+                to: cfg.kms.key_reference(),
+                keys,
+            })
+        })
+    }
+
     /// Change `earfs.conf` with `f` (which saves it) under the KMS lock, with the keys
     /// unwrapped through the KMS and the MAC checked first, then install the result:
-    /// keys, current version and write format switch at once, as at a reload.
+    /// keys, current version and write format switch at once, as at a reload. `f` is
+    /// given `replace` when there is one (a rewrap to another key), which then becomes
+    /// the daemon's provider; otherwise the daemon's own.
     fn change<T>(
         &self,
         what: &str,
+        replace: Option<Box<dyn KeyProvider>>,
         f: impl FnOnce(
             &mut VolumeConfig,
             &dyn KeyProvider,
@@ -326,9 +357,12 @@ impl Shared {
         let mut deks = cfg
             .unlock(&self.backing, k.provider.as_ref())
             .map_err(|e| e.to_string())?;
-        let out = f(&mut cfg, k.provider.as_ref(), &mut deks, &self.backing)
-            .map_err(|e| e.to_string())?;
+        let provider = replace.as_deref().unwrap_or(k.provider.as_ref());
+        let out = f(&mut cfg, provider, &mut deks, &self.backing).map_err(|e| e.to_string())?;
         self.install(&cfg, deks)?;
+        if let Some(p) = replace {
+            k.provider = p;
+        }
         log::info!(
             "{what}: volume {} writes format {}, key versions {:?} (current {})",
             cfg.volume_id,
@@ -469,6 +503,17 @@ impl Shared {
             bytes_decrypted: st.bytes_decrypted(),
         }
     }
+}
+
+/// What a rewrap did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rewrapped {
+    /// The key that wrapped the data keys before.
+    pub from: String,
+    /// The key that wraps them now.
+    pub to: String,
+    /// How many data key versions were wrapped again.
+    pub keys: usize,
 }
 
 /// The status of a running daemon.

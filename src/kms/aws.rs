@@ -385,26 +385,35 @@ impl AwsProvider {
         unwrapped_dek(call, &pt)
     }
 
-    /// Encrypt a random probe under the keyring's context: proves kms:Encrypt (used
-    /// when keys are added or re-wrapped) works before anything is written.
-    fn encrypt_probe(&self, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
+    /// Encrypt `plaintext` under the keyring's context (kms:Encrypt): wraps an existing
+    /// data key at a rewrap, and a random probe to prove the permission.
+    fn encrypt(&self, plaintext: &[u8], keyring_id: &str) -> Result<Vec<u8>, KmsError> {
         let call = self.call("Encrypt");
-        let mut probe = Zeroizing::new([0u8; 32]);
-        random_bytes(&mut probe[..])?;
         let out = self.retry.run_on(&self.rt, &call, || async {
             self.client
                 .encrypt()
                 .key_id(&self.key.arn)
-                .plaintext(Blob::new(&probe[..]))
+                .plaintext(Blob::new(plaintext))
                 .set_encryption_context(Some(Self::context(keyring_id)))
                 .send()
                 .await
                 .map_err(|e| classify(&call, e))
         })?;
-        Ok(out
-            .ciphertext_blob()
-            .map(|b| b.as_ref().to_vec())
-            .unwrap_or_default())
+        match out.ciphertext_blob() {
+            Some(b) if !b.as_ref().is_empty() => Ok(b.as_ref().to_vec()),
+            _ => Err(KmsError::Rejected {
+                call,
+                reason: "the reply has no ciphertext".into(),
+            }),
+        }
+    }
+
+    /// Encrypt a random probe under the keyring's context: proves kms:Encrypt (used
+    /// when keys are added or re-wrapped) works before anything is written.
+    fn encrypt_probe(&self, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
+        let mut probe = Zeroizing::new([0u8; 32]);
+        random_bytes(&mut probe[..])?;
+        self.encrypt(&probe[..], keyring_id)
     }
 }
 
@@ -430,6 +439,10 @@ impl KeyProvider for AwsProvider {
         let dek = self.decrypt(&wrapped, keyring_id)?;
         self.encrypt_probe(keyring_id)?;
         Ok((dek, wrapped))
+    }
+
+    fn wrap(&self, dek: &Dek, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
+        self.encrypt(dek.expose(), keyring_id)
     }
 
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError> {

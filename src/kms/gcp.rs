@@ -405,6 +405,10 @@ impl KeyProvider for GcpProvider {
         Ok((dek, wrapped))
     }
 
+    fn wrap(&self, dek: &Dek, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
+        self.encrypt(dek.expose(), keyring_id)
+    }
+
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError> {
         self.decrypt(wrapped, keyring_id)
     }

@@ -100,6 +100,11 @@ impl KeyProvider for LocalProvider {
 
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError> {
         let dek = Dek::generate()?;
+        let wrapped = self.wrap(&dek, keyring_id)?;
+        Ok((dek, wrapped))
+    }
+
+    fn wrap(&self, dek: &Dek, keyring_id: &str) -> Result<Vec<u8>, KmsError> {
         let mut nonce = [0u8; NONCE_LEN];
         random_bytes(&mut nonce)?;
         let ct = self
@@ -114,7 +119,7 @@ impl KeyProvider for LocalProvider {
             .map_err(|_| self.wrong_key())?;
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&ct);
-        Ok((dek, wrapped))
+        Ok(wrapped)
     }
 
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError> {

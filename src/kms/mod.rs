@@ -232,6 +232,8 @@ pub trait KeyProvider: Send + Sync {
     /// Make a fresh data key and its wrapped form, bound to `keyring_id`, proving that
     /// it unwraps again.
     fn generate(&self, keyring_id: &str) -> Result<(Dek, Vec<u8>), KmsError>;
+    /// Wrap an existing data key, bound to `keyring_id` (a rewrap under this key).
+    fn wrap(&self, dek: &Dek, keyring_id: &str) -> Result<Vec<u8>, KmsError>;
     /// Unwrap a data key that was bound to `keyring_id`.
     fn unwrap(&self, wrapped: &[u8], keyring_id: &str) -> Result<Dek, KmsError>;
     /// The key's own state, as the periodic recheck asks for it (AWS DescribeKey, GCP

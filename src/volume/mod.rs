@@ -260,6 +260,50 @@ impl VolumeConfig {
         Ok(version)
     }
 
+    /// Wrap every data key again under `provider` (`earfs rewrap`): the volume's own
+    /// key after a KMS-side rotation, or another key or provider, which `spec` records
+    /// from now on. The keyring id, the data keys, their versions and the current
+    /// version stay. Each new wrapping is unwrapped again through `provider` and must
+    /// give back the same key before earfs.conf is rewritten (atomically, under a new
+    /// MAC), so that the old key is not needed once this returns. `deks` are the
+    /// volume's keys from [`Self::unlock`]. Returns how many keys were wrapped.
+    pub fn rewrap(
+        &mut self,
+        backing: &Path,
+        deks: &[(u32, Dek)],
+        spec: ProviderSpec,
+        provider: &dyn KeyProvider,
+        progress: &mut dyn FnMut(u32),
+    ) -> Result<usize, VolumeError> {
+        let path = config_path(backing);
+        let id = &self.keyring.id;
+        let mut keys = Vec::with_capacity(self.keyring.keys.len());
+        for k in &self.keyring.keys {
+            let dek = current_of(deks, k.version).ok_or_else(|| VolumeError::BadConfig {
+                path: path.clone(),
+                reason: format!("key version {} was not unwrapped", k.version),
+            })?;
+            let wrapped = provider.wrap(dek, id)?;
+            let back = provider.unwrap(&wrapped, id)?;
+            if back.expose() != dek.expose() {
+                return Err(VolumeError::Kms(KmsError::WrongKey(spec.key_reference())));
+            }
+            keys.push(WrappedKey {
+                version: k.version,
+                wrapped: B64.encode(&wrapped),
+            });
+            progress(k.version);
+        }
+        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let mut next = self.clone();
+        next.kms = spec;
+        next.keyring.keys = keys;
+        next.seal(current);
+        next.save(backing)?;
+        *self = next;
+        Ok(self.keyring.keys.len())
+    }
+
     /// The current wrapped key, decoded.
     pub fn current_wrapped(&self, backing: &Path) -> Result<Vec<u8>, VolumeError> {
         let bad = |reason: String| VolumeError::BadConfig {
@@ -700,6 +744,74 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(config_path(&b)).unwrap(), text);
         assert!(!b.join(CONFIG_TMP_NAME).exists());
+    }
+
+    #[test]
+    fn rewrap_moves_every_version_to_the_new_key_and_keeps_the_data_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, old_spec) = local_key(d.path());
+        let b = d.path().join("v");
+        let mut cfg = create(&b, old_spec.clone(), &old, NEW_VOLUME_FORMAT).unwrap();
+        let mut deks = cfg.unlock(&b, &old).unwrap();
+        cfg.rotate(&b, &old, &mut deks).unwrap();
+        let before = cfg.clone();
+        let newdir = d.path().join("new");
+        fs::create_dir(&newdir).unwrap();
+        let (new, new_spec) = local_key(&newdir);
+        let mut seen = Vec::new();
+        let n = cfg
+            .rewrap(&b, &deks, new_spec.clone(), &new, &mut |v| seen.push(v))
+            .unwrap();
+        assert_eq!((n, seen), (2, vec![1, 2]));
+        let back = VolumeConfig::load(&b).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(back.kms, new_spec);
+        assert_eq!(back.keyring.id, before.keyring.id);
+        assert_eq!(back.keyring.current, 2);
+        assert_eq!(back.volume_id, before.volume_id);
+        assert_ne!(back.keyring.keys, before.keyring.keys);
+        // The same data keys, now only under the new key.
+        let again = back.unlock(&b, &new).unwrap();
+        for ((v, a), (w, k)) in again.iter().zip(&deks) {
+            assert_eq!((v, a.expose()), (w, k.expose()));
+        }
+        assert!(matches!(
+            back.unlock(&b, &old),
+            Err(VolumeError::Kms(KmsError::WrongKey(_)))
+        ));
+        // A key that does not give back what it wrapped changes nothing.
+        let text = fs::read_to_string(config_path(&b)).unwrap();
+        let liar = Liar(new);
+        let e = cfg
+            .clone()
+            .rewrap(&b, &deks, old_spec, &liar, &mut |_| {})
+            .unwrap_err();
+        assert!(matches!(e, VolumeError::Kms(KmsError::WrongKey(_))), "{e}");
+        assert_eq!(fs::read_to_string(config_path(&b)).unwrap(), text);
+    }
+
+    /// A provider whose unwrap returns another key than the one wrapped.
+    struct Liar(LocalProvider);
+
+    impl KeyProvider for Liar {
+        fn validate(&self) -> Result<crate::kms::KeyDescription, KmsError> {
+            self.0.validate()
+        }
+        fn generate(&self, id: &str) -> Result<(Dek, Vec<u8>), KmsError> {
+            self.0.generate(id)
+        }
+        fn wrap(&self, dek: &Dek, id: &str) -> Result<Vec<u8>, KmsError> {
+            self.0.wrap(dek, id)
+        }
+        fn unwrap(&self, _: &[u8], _: &str) -> Result<Dek, KmsError> {
+            Ok(Dek::generate()?)
+        }
+        fn check_key(&self) -> Result<(), KmsError> {
+            Ok(())
+        }
+        fn check(&self, id: &str, w: Option<&[u8]>) -> Vec<crate::kms::PermissionCheck> {
+            self.0.check(id, w)
+        }
     }
 
     #[test]
