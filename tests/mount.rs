@@ -1442,6 +1442,35 @@ fn retire_key_refuses_while_files_use_the_version_then_drops_it() {
             ),
             "{err}"
         );
+        // The protocol underneath: the daemon's open files by version, with its count
+        // of renames; a rename since the count the request names makes it refuse (the
+        // command then counts again), before it looks at its open files.
+        let sock = earfs::daemon::control::socket_path(&fs::canonicalize(&vol.mnt).unwrap());
+        let ask = |what: &str| {
+            earfs::daemon::control::request_reply(&sock, what, std::time::Duration::from_secs(30))
+                .unwrap()
+        };
+        let open = ask("open-files");
+        assert_eq!(open["unlinked"], serde_json::json!({"1": 1}), "{open}");
+        let moves = open["moves"].as_u64().unwrap();
+        fs::rename(m.path("old-link"), m.path("old-link2")).unwrap();
+        fs::rename(m.path("old-link2"), m.path("old-link")).unwrap();
+        let v = ask(&format!("retire 1 {moves}"));
+        assert_eq!(v["moved"], true, "{v}");
+        let moves = ask("open-files")["moves"].as_u64().unwrap();
+        let v = ask(&format!("retire 1 {moves}"));
+        assert_eq!(
+            v["in_use"],
+            serde_json::json!({"named": 0, "unlinked": 1, "unreadable": 0}),
+            "{v}"
+        );
+        assert!(
+            ask("retire x")["error"]
+                .as_str()
+                .unwrap()
+                .contains("bad request")
+        );
+        assert_eq!(fs::read(&conf).unwrap(), before);
         // Rewrite the named one under the current key (truncate to zero, then write):
         // both its names now name version 2.
         fs::write(m.path("old"), b"now under version 2").unwrap();

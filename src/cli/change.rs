@@ -130,6 +130,15 @@ const RETIRE_ATTEMPTS: u32 = 3;
 /// `unlinked` files open and unlinked in the running daemon use `version`.
 fn still_used(version: u32, in_dir: u64, unlinked: u64, unreadable: u64) -> Failure {
     let total = in_dir + unlinked;
+    let unknown = format!(
+        "{unreadable} files open in the running daemon have a header that cannot be read (see its log), so whether they use key version {version} is unknown"
+    );
+    if total == 0 {
+        return Failure::new(
+            exit::KEY_IN_USE,
+            format!("{unknown}; close them, or remove them, first"),
+        );
+    }
     let mut parts = vec![format!("{in_dir} in the backing directory")];
     if unlinked > 0 {
         parts.push(format!(
@@ -143,9 +152,7 @@ fn still_used(version: u32, in_dir: u64, unlinked: u64, unreadable: u64) -> Fail
         parts.join(", ")
     );
     if unreadable > 0 {
-        msg = format!(
-            "{msg}; besides, {unreadable} files open in the running daemon have a header that cannot be read"
-        );
+        msg = format!("{msg}; besides, {unknown}");
     }
     Failure::new(exit::KEY_IN_USE, msg)
 }
@@ -203,7 +210,7 @@ pub(super) fn retire_key(backing: &Path, version: u32, deadline: u64) -> Result<
                     serde_json::from_value(open).map_err(|e| failed(e.to_string()))?;
                 let c = super::files::count_files(&backing)?;
                 let (_, unlinked) = open.of(version);
-                if in_dir(&c) + unlinked > 0 {
+                if in_dir(&c) + unlinked + open.unreadable > 0 {
                     return Err(still_used(version, in_dir(&c), unlinked, open.unreadable));
                 }
                 let v = request_reply(
