@@ -1370,3 +1370,185 @@ fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading(
     );
     assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
 }
+
+/// The key versions and file counts `earfs keys --json BACKING` shows.
+fn key_files(backing: &str) -> Vec<(u64, u64)> {
+    let out = earfs_ok(&["keys", "--json", backing]);
+    let k: serde_json::Value = serde_json::from_str(&out).unwrap();
+    k["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap(), v["files"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The standard error of an earfs run that must have failed with `code`.
+fn failed_with(code: i32, out: std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    err
+}
+
+#[test]
+fn retire_key_refuses_while_files_use_the_version_then_drops_it() {
+    let vol = Volume::new();
+    let backing = vol.backing.to_str().unwrap();
+    let conf = vol.backing.join("earfs.conf");
+    let retire = |v: &str| run(&["retire-key", backing, "--version", v]);
+    {
+        let m = vol.mount(&[]);
+        fs::write(m.path("old"), b"under version 1").unwrap();
+        fs::write(m.path("gone"), b"version 1, unlinked while open").unwrap();
+    }
+    // The current version cannot be retired (rotate first); nor can an absent one.
+    let err = failed_with(2, retire("1"));
+    assert!(
+        err.contains("current") && err.contains("earfs rotate"),
+        "{err}"
+    );
+    earfs_ok(&["rotate", backing]);
+    let err = failed_with(2, retire("7"));
+    assert!(err.contains("no key version 7"), "{err}");
+
+    // Not mounted: two files use version 1; refused with the count, earfs.conf kept.
+    let before = fs::read(&conf).unwrap();
+    let err = failed_with(31, retire("1"));
+    assert!(
+        err.contains(
+            "2 files still use key version 1 (2 in the backing directory); re-encrypt or remove them first"
+        ),
+        "{err}"
+    );
+    assert_eq!(fs::read(&conf).unwrap(), before);
+    {
+        let m = vol.mount(&[]);
+        // A hard link is another name of the same file: still two files.
+        fs::hard_link(m.path("old"), m.path("old-link")).unwrap();
+        let err = failed_with(31, retire("1"));
+        assert!(
+            err.contains("2 files still use key version 1 (2 in the backing directory)"),
+            "{err}"
+        );
+        // A file unlinked while open has no name in the backing directory any more, but
+        // the daemon still holds it (and may read it).
+        let mut held = File::open(m.path("gone")).unwrap();
+        fs::remove_file(m.path("gone")).unwrap();
+        assert!(!m.backing("gone").exists());
+        let err = failed_with(31, retire("1"));
+        assert!(
+            err.contains(
+                "2 files still use key version 1 (1 in the backing directory, 1 open and unlinked in the running daemon)"
+            ),
+            "{err}"
+        );
+        // The protocol underneath: the daemon's open files by version, with its count
+        // of renames; a rename since the count the request names makes it refuse (the
+        // command then counts again), before it looks at its open files.
+        let sock = earfs::daemon::control::socket_path(&fs::canonicalize(&vol.mnt).unwrap());
+        let ask = |what: &str| {
+            earfs::daemon::control::request_reply(&sock, what, std::time::Duration::from_secs(30))
+                .unwrap()
+        };
+        let open = ask("open-files");
+        assert_eq!(open["unlinked"], serde_json::json!({"1": 1}), "{open}");
+        let moves = open["moves"].as_u64().unwrap();
+        fs::rename(m.path("old-link"), m.path("old-link2")).unwrap();
+        fs::rename(m.path("old-link2"), m.path("old-link")).unwrap();
+        let v = ask(&format!("retire 1 {moves}"));
+        assert_eq!(v["moved"], true, "{v}");
+        let moves = ask("open-files")["moves"].as_u64().unwrap();
+        let v = ask(&format!("retire 1 {moves}"));
+        assert_eq!(
+            v["in_use"],
+            serde_json::json!({"named": 0, "unlinked": 1, "unreadable": 0}),
+            "{v}"
+        );
+        assert!(
+            ask("retire x")["error"]
+                .as_str()
+                .unwrap()
+                .contains("bad request")
+        );
+        assert_eq!(fs::read(&conf).unwrap(), before);
+        // Rewrite the named one under the current key (truncate to zero, then write):
+        // both its names now name version 2.
+        fs::write(m.path("old"), b"now under version 2").unwrap();
+        assert_eq!(header_key_version(&m.backing("old-link")), 2);
+        let err = failed_with(31, retire("1"));
+        assert!(
+            err.contains(
+                "1 file still uses key version 1 (0 in the backing directory, 1 open and unlinked in the running daemon)"
+            ),
+            "{err}"
+        );
+        let mut text = Vec::new();
+        held.read_to_end(&mut text).unwrap();
+        assert_eq!(text, b"version 1, unlinked while open");
+        assert_eq!(fs::read(&conf).unwrap(), before);
+        // Closed: the kernel releases the handle and forgets the inode soon after
+        // close() returns; until then the daemon still counts it.
+        drop(held);
+        let mut said = String::new();
+        assert!(
+            wait_until(10, || {
+                let out = retire("1");
+                let err = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() {
+                    said = String::from_utf8_lossy(&out.stdout).into_owned();
+                    return true;
+                }
+                assert_eq!(out.status.code(), Some(31), "{err}");
+                assert!(err.contains("open and unlinked"), "{err}");
+                false
+            }),
+            "retire-key still refused after the file was closed"
+        );
+        assert!(
+            said.contains("key version 1 retired (through the running daemon)"),
+            "{said}"
+        );
+        assert_eq!(key_files(backing), [(2, 1)]);
+        let out = earfs_ok(&["status", "--json", vol.mnt.to_str().unwrap()]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(st["key_versions"], serde_json::json!([2]), "{st}");
+        // The running daemon keeps serving with the keyring it switched to.
+        assert_eq!(
+            fs::read(m.path("old-link")).unwrap(),
+            b"now under version 2"
+        );
+        fs::write(m.path("new"), b"also version 2").unwrap();
+        // Again: version 1 is no longer in the keyring.
+        let err = failed_with(2, retire("1"));
+        assert!(err.contains("no key version 1"), "{err}");
+    }
+    // Not mounted, once no file uses the version: version 2 goes after a rotation and
+    // a rewrite of its files.
+    earfs_ok(&["rotate", backing]);
+    let err = failed_with(31, retire("2"));
+    assert!(
+        err.contains("2 files still use key version 2 (2 in the backing directory)"),
+        "{err}"
+    );
+    {
+        let m = vol.mount(&[]);
+        fs::write(m.path("new"), b"under version 3").unwrap();
+        fs::write(m.path("old"), b"old, under version 3").unwrap();
+    }
+    let said = earfs_ok(&["retire-key", backing, "--version", "2"]);
+    assert!(
+        said.contains("key version 2 retired (not mounted: earfs.conf rewritten)"),
+        "{said}"
+    );
+    assert_eq!(key_files(backing), [(3, 2)]);
+    let conf_text = fs::read_to_string(&conf).unwrap();
+    assert!(!conf_text.contains("version = 2"), "{conf_text}");
+    // Everything reads back after a remount (earfs.conf authenticates).
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("old")).unwrap(), b"old, under version 3");
+    assert_eq!(
+        fs::read(m.path("old-link")).unwrap(),
+        b"old, under version 3"
+    );
+    assert_eq!(fs::read(m.path("new")).unwrap(), b"under version 3");
+}

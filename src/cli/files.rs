@@ -2,6 +2,9 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use serde_json::Value;
 
@@ -10,18 +13,55 @@ use crate::daemon::{Failure, exit};
 use crate::fs::census::{Census, census};
 use crate::volume::VolumeConfig;
 
-/// Count the files of `backing`, showing progress on a terminal.
+/// Seconds between the plain progress lines printed when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Count the files of `backing` (headers only). On a terminal a spinner line shows the
+/// count so far; otherwise a plain line every [`PLAIN_PROGRESS_EVERY`], and, once one
+/// was printed, a last line with the total (short runs print nothing).
 pub(super) fn count_files(backing: &Path) -> Result<Census, Failure> {
-    let tty = std::io::stderr().is_terminal();
-    let c = census(backing, |c| {
-        if tty {
-            eprint!("\rcounting files in {}: {}", backing.display(), c.files);
+    let started = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+            bar.set_style(style);
         }
+        bar.set_message(format!("counting files in {}", backing.display()));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
     });
-    if tty {
-        eprint!("\r\x1b[K");
+    let mut last_line = started;
+    let mut printed = false;
+    let c = census(backing, |c| match &bar {
+        Some(bar) => bar.set_message(format!(
+            "counting files in {}: {} read",
+            backing.display(),
+            c.files
+        )),
+        None if last_line.elapsed() >= PLAIN_PROGRESS_EVERY => {
+            last_line = Instant::now();
+            printed = true;
+            eprintln!(
+                "counting files in {}: {} read so far",
+                backing.display(),
+                c.files
+            );
+        }
+        None => {}
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
-    c.map_err(|e| Failure::new(exit::FAILURE, format!("counting files: {e}")))
+    let c = c.map_err(|e| Failure::new(exit::FAILURE, format!("counting files: {e}")))?;
+    if printed {
+        eprintln!(
+            "counted {} files in {} in {:.1} s",
+            c.files,
+            backing.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(c)
 }
 
 /// The census as JSON.
@@ -35,6 +75,12 @@ pub(super) fn print_census(c: &Census, pad: &str) {
         "{pad}files:         {} in {} directories",
         c.files, c.directories
     );
+    if c.more_links > 0 {
+        println!(
+            "{pad}  more names:  {} (hard links of files counted once)",
+            c.more_links
+        );
+    }
     for f in FileFormat::ALL.iter().rev() {
         let n = c.of_format(*f);
         if *f == FileFormat::V1 && n > 0 {

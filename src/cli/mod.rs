@@ -194,6 +194,28 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Drop a data key version from the keyring once no file uses it.
+    ///
+    /// Refused for the current version (rotate first) and for a version the keyring
+    /// lacks. Counts the files by their headers (a file with several hard links is one
+    /// file); on a mounted volume the daemon also counts the files it holds open,
+    /// including those unlinked while open, which no longer have a name to count. While
+    /// any file uses the version it is refused (exit 31) with the count: re-encrypt or
+    /// remove them first. Runs on an unmounted volume (earfs.conf is rewritten, sealed
+    /// with the current key unwrapped through the KMS), or on a mounted one through its
+    /// daemon (as root), which checks its open files again and switches at once. Backups
+    /// of the volume made before need the retired version: keep an export of the
+    /// keyring (`earfs export-keyring`) as long as they do.
+    RetireKey {
+        /// The key version to retire (see `earfs keys`).
+        #[arg(long, value_name = "N")]
+        version: u32,
+        /// Seconds that the KMS may take (see mount --kms-deadline).
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
     /// Show the key versions, which is current, the KMS key that wraps them, and how
     /// many files use each (read from the file headers; no key needed).
     Keys {
@@ -278,6 +300,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             backing,
         } => change::rotate(&backing, kms_deadline),
         Command::Rewrap { kms, backing } => change::rewrap(&kms, &backing),
+        Command::RetireKey {
+            version,
+            kms_deadline,
+            backing,
+        } => change::retire_key(&backing, version, kms_deadline),
         Command::Keys { json, backing } => files::keys(&backing, json),
         Command::Info {
             json,

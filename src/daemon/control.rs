@@ -5,7 +5,9 @@
 //! credentials are checked on every connection. The protocol is one request line
 //! (`status`; `upgrade`: make the volume write the newest format; `rotate`: a new
 //! current data key version; `rewrap [SPEC-JSON]`: wrap the data keys again, under
-//! the volume's key or the one SPEC names) and one JSON reply.
+//! the volume's key or the one SPEC names; `open-files`: the key versions of the
+//! files the daemon holds open; `retire N [MOVES]`: drop key version N once no file
+//! uses it) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::state::Shared;
+use super::state::{RetireError, Shared};
 use crate::kms::ProviderSpec;
 
 /// Environment variable overriding the runtime directory (tests).
@@ -108,9 +110,44 @@ fn answer(shared: &Shared, conn: UnixStream) {
                 Err(e) => serde_json::json!({ "error": e }).to_string(),
             }
         }
+        "open-files" => serde_json::to_string(&shared.open_key_use()).unwrap_or_default(),
+        "retire" => retire(shared, line.trim()),
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     let _ = writeln!(w, "{reply}");
+}
+
+/// `retire N [MOVES]`: the reply names why a refusal was made (`in_use` with the
+/// daemon's counts, or `moved`), so that the command can say it and pick its exit code.
+fn retire(shared: &Shared, line: &str) -> String {
+    let mut words = line.split_whitespace().skip(1);
+    let version = words.next().and_then(|w| w.parse::<u32>().ok());
+    let moves = words.next().map(|w| w.parse::<u64>());
+    let (Some(version), None | Some(Ok(_)), None) = (version, &moves, words.next()) else {
+        return serde_json::json!({ "error": format!("bad request {line:?}: retire VERSION [MOVES]") })
+            .to_string();
+    };
+    match shared.retire(version, moves.and_then(Result::ok)) {
+        Ok((retired, current)) => {
+            serde_json::json!({ "retired": retired, "current": current }).to_string()
+        }
+        Err(RetireError::InUse {
+            named,
+            unlinked,
+            unreadable,
+            message,
+        }) => serde_json::json!({
+            "error": message,
+            "in_use": { "named": named, "unlinked": unlinked, "unreadable": unreadable },
+        })
+        .to_string(),
+        Err(RetireError::Moved) => serde_json::json!({
+            "error": "files were renamed or linked while they were counted",
+            "moved": true,
+        })
+        .to_string(),
+        Err(RetireError::Failed(e)) => serde_json::json!({ "error": e }).to_string(),
+    }
 }
 
 /// Ask the daemon behind `socket` for its status (JSON).
@@ -122,14 +159,7 @@ pub fn request_status(socket: &Path) -> std::io::Result<serde_json::Value> {
 /// reply; a reply that names an error is an error (`PermissionDenied` for a refusal,
 /// `Other` for a failed request).
 pub fn request(socket: &Path, what: &str, timeout: Duration) -> std::io::Result<serde_json::Value> {
-    let conn = UnixStream::connect(socket)?;
-    conn.set_read_timeout(Some(timeout))?;
-    let mut w = &conn;
-    writeln!(w, "{what}")?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let v = request_reply(socket, what, timeout)?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         let kind = if v.get("refused").and_then(|r| r.as_bool()) == Some(true) {
             std::io::ErrorKind::PermissionDenied
@@ -139,6 +169,22 @@ pub fn request(socket: &Path, what: &str, timeout: Duration) -> std::io::Result<
         return Err(std::io::Error::new(kind, e.to_string()));
     }
     Ok(v)
+}
+
+/// Send `what` to the daemon behind `socket` and return its JSON reply as it is, an
+/// error reply included (its `error` names what went wrong).
+pub fn request_reply(
+    socket: &Path,
+    what: &str,
+    timeout: Duration,
+) -> std::io::Result<serde_json::Value> {
+    let conn = UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut w = &conn;
+    writeln!(w, "{what}")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Every control socket in the runtime directory (none if it does not exist).

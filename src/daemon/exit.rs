@@ -48,3 +48,6 @@ pub const KMS_CREDENTIALS: u8 = 28;
 pub const KMS_CHECK_FAILED: u8 = 29;
 /// The daemon config file (`--config`) is invalid: an unknown key or a bad value.
 pub const CONFIG_FILE: u8 = 30;
+/// `earfs retire-key` refused: files still use the key version (in the backing
+/// directory, or open in the running daemon).
+pub const KEY_IN_USE: u8 = 31;

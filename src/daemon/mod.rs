@@ -86,6 +86,7 @@ impl From<VolumeError> for Failure {
             VolumeError::NotAVolume(_) | VolumeError::NoBackingDir(_) => exit::NOT_A_VOLUME,
             VolumeError::AlreadyAVolume(_) | VolumeError::NotEmpty(_) => exit::INIT_REFUSED,
             VolumeError::BadConfig { .. } => exit::BAD_CONFIG,
+            VolumeError::NotRetirable { .. } => exit::USAGE,
             VolumeError::ConfigMac(_) => exit::CONFIG_TAMPERED,
             VolumeError::Kms(k) => kms_code(k),
             VolumeError::Io { .. } => exit::FAILURE,

@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::config::{FileConfig, RevocationPolicy};
 use super::notify;
 use crate::content::{FileFormat, Keyring};
-use crate::fs::EarFs;
 use crate::fs::stats::{OpSnapshot, errno_name, stats};
+use crate::fs::{EarFs, OpenKeyUse};
 use crate::fuse::CacheInvalidator;
 use crate::kms::{KeyProvider, KmsError, KmsOverrides, ProviderSpec, Retry};
 use crate::volume::{NEW_VOLUME_FORMAT, VolumeConfig};
@@ -336,6 +336,76 @@ impl Shared {
         })
     }
 
+    /// The key versions of the files this daemon holds open (`open-files` on the
+    /// control socket), with those unlinked while open apart: `earfs retire-key` adds
+    /// these to its census of the backing directory, which cannot see them.
+    pub fn open_key_use(&self) -> OpenKeyUse {
+        self.fs.open_key_use()
+    }
+
+    /// `earfs retire-key` through the control socket: drop key `version` from the
+    /// keyring once no file uses it. The caller counted the backing directory first
+    /// (by headers) and found none, starting when the rename count was `moves`; here,
+    /// under the KMS lock that serialises every change of earfs.conf, the daemon checks
+    /// its own open files, then rewrites earfs.conf and installs the keyring without
+    /// `version`. Returns (the retired version, the current one).
+    ///
+    /// Why no file of `version` can appear between those checks and the switch: new
+    /// files, and files truncated to zero, only ever get the current version, which is
+    /// never `version`; no write gives a file an older version. So the number of files
+    /// under `version` can only go down once the census has started. Two things could
+    /// still hide one from the census, and both are checked here: a file unlinked while
+    /// open has no name (counted from the open files, which include inodes the kernel
+    /// still holds after their last name went), and a rename or link during the census
+    /// can move a file from a directory not read yet into one already read (the mount
+    /// counts renames and links, and the request is refused if `moves` changed; the
+    /// command counts again). Backing files copied in from outside the mount (a restore
+    /// into the backing directory) are not seen by any of this: retire a version only
+    /// once no backup of the volume needs it either.
+    pub fn retire(&self, version: u32, moves: Option<u64>) -> Result<(u32, u32), RetireError> {
+        let mut refused = None;
+        let r = self.change("retire", None, |cfg, _, deks, backing| {
+            let refuse = |reason: String| crate::volume::VolumeError::NotRetirable {
+                path: crate::volume::config_path(backing),
+                reason,
+            };
+            if let Some(m) = moves
+                && m != self.fs.moves()
+            {
+                refused = Some(RetireError::Moved);
+                return Err(refuse(
+                    "files were renamed or linked in the mount while they were counted; count again".into(),
+                ));
+            }
+            let open = self.fs.open_key_use();
+            let (named, unlinked) = open.of(version);
+            if named + unlinked > 0 || open.unreadable > 0 {
+                let msg = format!(
+                    "{} files open in the running daemon still use key version {version} ({named} with a name, {unlinked} open and unlinked){}",
+                    named + unlinked,
+                    if open.unreadable > 0 {
+                        format!(
+                            ", and {} open files have a header that cannot be read",
+                            open.unreadable
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                refused = Some(RetireError::InUse {
+                    named,
+                    unlinked,
+                    unreadable: open.unreadable,
+                    message: msg.clone(),
+                });
+                return Err(refuse(msg));
+            }
+            cfg.retire(backing, deks, version)?;
+            Ok((version, cfg.keyring.current))
+        });
+        r.map_err(|e| refused.take().unwrap_or(RetireError::Failed(e)))
+    }
+
     /// Change `earfs.conf` with `f` (which saves it) under the KMS lock, with the keys
     /// unwrapped through the KMS and the MAC checked first, then install the result:
     /// keys, current version and write format switch at once, as at a reload. `f` is
@@ -514,6 +584,22 @@ pub struct Rewrapped {
     pub to: String,
     /// How many data key versions were wrapped again.
     pub keys: usize,
+}
+
+/// Why a running daemon did not retire a key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetireError {
+    /// Files it holds open use the version.
+    InUse {
+        named: u64,
+        unlinked: u64,
+        unreadable: u64,
+        message: String,
+    },
+    /// Files were renamed or linked while the caller counted them.
+    Moved,
+    /// Anything else (the KMS, earfs.conf, the current or an absent version).
+    Failed(String),
 }
 
 /// The status of a running daemon.

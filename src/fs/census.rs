@@ -2,10 +2,10 @@
 //! `earfs status --files`). Reads the first bytes of each backing file's header; needs
 //! no key, changes nothing, and may run while the volume is mounted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -21,8 +21,12 @@ const NAMED_DAMAGED: usize = 20;
 /// What a census found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Census {
-    /// Regular files, of every kind below.
+    /// Regular files, of every kind below. A file with several hard links is one file
+    /// (counted at its first name; see `more_links`).
     pub files: u64,
+    /// Further names (hard links) of files counted once already.
+    #[serde(default)]
+    pub more_links: u64,
     pub directories: u64,
     /// Files by the format their header names ("1", "2").
     pub formats: BTreeMap<String, u64>,
@@ -53,7 +57,9 @@ impl Census {
         }
     }
 
-    fn count(&mut self, path: &Path) -> std::io::Result<()> {
+    /// Count the file at `path`, unless it is another name of a file in `linked` (the
+    /// (device, inode) of the files seen so far that have more than one link).
+    fn count(&mut self, path: &Path, linked: &mut HashSet<(u64, u64)>) -> std::io::Result<()> {
         let open = |flags| {
             File::options()
                 .read(true)
@@ -65,7 +71,12 @@ impl Census {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
             r => r?,
         };
-        let len = f.metadata()?.len();
+        let meta = f.metadata()?;
+        if meta.nlink() > 1 && !linked.insert((meta.dev(), meta.ino())) {
+            self.more_links += 1;
+            return Ok(());
+        }
+        let len = meta.len();
         self.files += 1;
         if len == 0 {
             self.empty += 1;
@@ -120,6 +131,7 @@ impl Census {
 /// counted); one that vanishes while the census runs is skipped.
 pub fn census(backing: &Path, mut progress: impl FnMut(&Census)) -> std::io::Result<Census> {
     let mut c = Census::default();
+    let mut linked = HashSet::new();
     let mut stack = vec![backing.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let top = dir == backing;
@@ -144,7 +156,7 @@ pub fn census(backing: &Path, mut progress: impl FnMut(&Census)) -> std::io::Res
                 c.directories += 1;
                 stack.push(path);
             } else if kind.is_file() {
-                match c.count(&path) {
+                match c.count(&path, &mut linked) {
                     Ok(()) if c.files.is_multiple_of(1000) => progress(&c),
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -193,11 +205,15 @@ mod tests {
         // v2 with a length 1..15 bytes past the header codes no size.
         file(b, "cut", &[&h2[..], &[1u8; 7]].concat());
         std::os::unix::fs::symlink("a", b.join("link")).unwrap();
+        // Two more names of "a": still one file.
+        std::fs::hard_link(b.join("a"), b.join("a2")).unwrap();
+        std::fs::hard_link(b.join("a"), b.join("sub/a3")).unwrap();
 
         let mut calls = 0;
         let c = census(b, |_| calls += 1).unwrap();
         assert_eq!(c.files, 9, "{c:?}");
         assert_eq!(c.directories, 2);
+        assert_eq!(c.more_links, 2);
         assert_eq!(c.of_format(FileFormat::V1), 2);
         assert_eq!(c.of_format(FileFormat::V2), 2);
         assert_eq!(c.v1_convertible, 1);

@@ -8,6 +8,7 @@ mod dir;
 mod error;
 mod file;
 mod inode;
+mod open_use;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
 pub use file::Content;
 pub use inode::{FileKind, Inode, ROOT_ID};
+pub use open_use::OpenKeyUse;
 
 use dir::DirHandle;
 use inode::InodeTable;
@@ -122,6 +124,8 @@ pub struct EarFs {
     next_fh: AtomicU64,
     /// Whether new files are written in format v2 (else v1); switched by an upgrade.
     writes_v2: AtomicBool,
+    /// Renames and links so far, counted before and after each ([`EarFs::moves`]).
+    moves: AtomicU64,
 }
 
 fn proc_path(fd: &impl AsRawFd) -> String {
@@ -185,6 +189,7 @@ impl EarFs {
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writes_v2: AtomicBool::new(format == FileFormat::V2),
+            moves: AtomicU64::new(0),
         })
     }
 
@@ -617,7 +622,10 @@ impl EarFs {
         };
         let p = self.inodes.get(parent)?;
         let np = self.inodes.get(newparent)?;
-        rustix::fs::renameat_with(&p.fd, name, &np.fd, newname, flags)?;
+        self.moving();
+        let r = rustix::fs::renameat_with(&p.fd, name, &np.fd, newname, flags);
+        self.moving();
+        r?;
         backing::renamed(&p.fd, name, &np.fd, newname, flags.bits());
         Ok(())
     }
@@ -627,7 +635,10 @@ impl EarFs {
         Self::check_new_name(newparent, newname)?;
         let inode = self.inodes.get(ino)?;
         let np = self.inodes.get(newparent)?;
-        rustix::fs::linkat(&inode.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH)?;
+        self.moving();
+        let r = rustix::fs::linkat(&inode.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH);
+        self.moving();
+        r?;
         backing::created(&np.fd, newname);
         Ok(self.lookup_inode(&np, newname)?.1)
     }

@@ -80,6 +80,9 @@ pub enum VolumeError {
     ConfigMac(PathBuf),
     #[error("{0}")]
     Kms(#[from] KmsError),
+    /// A key version that cannot be retired: the current one, or one the keyring lacks.
+    #[error("{path}: {reason}")]
+    NotRetirable { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -302,6 +305,53 @@ impl VolumeConfig {
         next.save(backing)?;
         *self = next;
         Ok(self.keyring.keys.len())
+    }
+
+    /// Whether key `version` may be retired as far as the keyring goes: not the current
+    /// one, and one the keyring has (no key needed; [`Self::retire`] checks it again).
+    pub fn check_retirable(&self, backing: &Path, version: u32) -> Result<(), VolumeError> {
+        let refuse = |reason: String| VolumeError::NotRetirable {
+            path: config_path(backing),
+            reason,
+        };
+        if version == self.keyring.current {
+            return Err(refuse(format!(
+                "key version {version} is the current one; make a new one current first (`earfs rotate`), then retire {version} once no file uses it"
+            )));
+        }
+        if !self.keyring.keys.iter().any(|k| k.version == version) {
+            let mut have: Vec<u32> = self.keyring.keys.iter().map(|k| k.version).collect();
+            have.sort_unstable();
+            return Err(refuse(format!(
+                "the keyring has no key version {version} (it has {have:?})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drop data key `version` from the keyring (`earfs retire-key`): earfs.conf is
+    /// rewritten atomically, sealed again with the current key, and `version` is removed
+    /// from `deks` (the volume's keys from [`Self::unlock`]). Refused for the current
+    /// version (rotate first) and for a version the keyring lacks; the file is then left
+    /// as it was. Whether files still use `version` is the caller's to check (by their
+    /// headers, and the open files of a running daemon) before it calls this: a file
+    /// under a retired version can no longer be read.
+    pub fn retire(
+        &mut self,
+        backing: &Path,
+        deks: &mut Vec<(u32, Dek)>,
+        version: u32,
+    ) -> Result<(), VolumeError> {
+        let path = config_path(backing);
+        self.check_retirable(backing, version)?;
+        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let mut next = self.clone();
+        next.keyring.keys.retain(|k| k.version != version);
+        next.seal(current);
+        next.save(backing)?;
+        *self = next;
+        deks.retain(|(v, _)| *v != version);
+        Ok(())
     }
 
     /// The current wrapped key, decoded.
@@ -843,5 +893,72 @@ mod tests {
             forged.unlock(&b, &prov),
             Err(VolumeError::ConfigMac(_))
         ));
+    }
+
+    #[test]
+    fn retire_drops_a_version_reseals_and_refuses_the_current_or_an_absent_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (prov, spec) = local_key(d.path());
+        let b = d.path().join("v");
+        let mut cfg = create(&b, spec, &prov, NEW_VOLUME_FORMAT).unwrap();
+        let mut deks = cfg.unlock(&b, &prov).unwrap();
+        cfg.rotate(&b, &prov, &mut deks).unwrap();
+        cfg.rotate(&b, &prov, &mut deks).unwrap();
+        let v3 = deks[2].1.expose().to_vec();
+
+        // The current version and an absent one: refused, earfs.conf unchanged.
+        let text = fs::read_to_string(config_path(&b)).unwrap();
+        for v in [3, 4, 0] {
+            let e = cfg.retire(&b, &mut deks, v).unwrap_err();
+            assert!(matches!(e, VolumeError::NotRetirable { .. }), "{e}");
+            if v == 3 {
+                assert!(e.to_string().contains("earfs rotate"), "{e}");
+            }
+        }
+        assert_eq!(fs::read_to_string(config_path(&b)).unwrap(), text);
+        assert_eq!(deks.len(), 3);
+
+        cfg.retire(&b, &mut deks, 1).unwrap();
+        let back = VolumeConfig::load(&b).unwrap();
+        assert_eq!(back, cfg);
+        let versions: Vec<u32> = back.keyring.keys.iter().map(|k| k.version).collect();
+        assert_eq!(versions, [2, 3]);
+        assert_eq!(back.keyring.current, 3);
+        assert_eq!(deks.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3]);
+        let again = back.unlock(&b, &prov).unwrap();
+        assert_eq!(again.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(again[1].1.expose().as_slice(), v3.as_slice());
+        assert!(!b.join(CONFIG_TMP_NAME).exists());
+        // Retired: a second time it is absent.
+        assert!(matches!(
+            cfg.retire(&b, &mut deks, 1),
+            Err(VolumeError::NotRetirable { .. })
+        ));
+        // Resealed: the old text no longer matches the MAC once version 1 is put back
+        // by hand (and the old file, with its old MAC, still names version 1).
+        let mut forged = back.clone();
+        forged.keyring.keys.insert(
+            0,
+            WrappedKey {
+                version: 1,
+                wrapped: forged.keyring.keys[0].wrapped.clone(),
+            },
+        );
+        forged.save(&b).unwrap();
+        assert!(matches!(
+            VolumeConfig::load(&b).unwrap().unlock(&b, &prov),
+            Err(VolumeError::ConfigMac(_))
+        ));
+        // The config from before the retirement still authenticates on its own (it is
+        // a whole older config), which is why retire-key is only for keys no file uses.
+        fs::write(config_path(&b), &text).unwrap();
+        assert_eq!(
+            VolumeConfig::load(&b)
+                .unwrap()
+                .unlock(&b, &prov)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }
