@@ -8,7 +8,23 @@
 //! mount and a file written before must read back.
 //!
 //! A command is plugged in with a [`KillCase`]: its arguments and a check of "the state
-//! the command leaves", see `tests/keyring_kill.rs`.
+//! the command leaves", see `tests/keyring_kill.rs`. For example:
+//! ```text
+//! #[test]
+//! fn retire_key_killed_at_each_step_leaves_the_old_keyring_or_the_new_one() {
+//!     kill_at_every_step(&KillCase {
+//!         name: "retire-key",
+//!         format: FileFormat::V2,
+//!         args: &["retire-key", "--version", "1", "{backing}"],
+//!         // Make version 2 current first, so that version 1 can go.
+//!         prepare: &|_, backing, _| {
+//!             assert!(common::run(&["rotate", backing.to_str().unwrap()]).status.success())
+//!         },
+//!         // Exactly one complete run's change: version 1 gone, the rest unchanged.
+//!         is_new: &|before, after| { /* … */ },
+//!     });
+//! }
+//! ```
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -231,6 +247,10 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
                 .unwrap();
             assert!(out.status.success(), "{at}, then run again: {}", show(&out));
             let fin = authenticated(&work, &key);
+            assert!(
+                !work.join(earfs::volume::CONFIG_TMP_NAME).exists(),
+                "{at}, then run again: the temporary config is left behind"
+            );
             match outcome {
                 Outcome::Old => assert!(
                     (case.is_new)(&before, &fin),
