@@ -1211,8 +1211,11 @@ mod tests {
                         let (mut requests, mut failures) = (0u64, Vec::new());
                         while std::time::Instant::now() < until {
                             let mut got = Vec::new();
-                            match fs.read(fh, 0, rows.len() as u32, |b| got.extend_from_slice(b)) {
-                                Ok(()) => assert!(got == *rows, "a read returned other bytes"),
+                            // Small requests: most of their time is the load that races.
+                            match fs.read(fh, 0, 100, |b| got.extend_from_slice(b)) {
+                                Ok(()) => {
+                                    assert!(got == rows[..100], "a read returned other bytes")
+                                }
                                 Err(e) => failures.push(format!("read: {e}")),
                             }
                             match fs.open(ino, libc::O_RDONLY) {
