@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing earfs needs on Debian: FUSE 3, strace (the fsync
-# test traces the daemon), util-linux (setpriv), OpenSSL (the speed comparison),
-# Python 3 (mmap and lock tests). Idempotent and quick when all is there.
+# test traces the daemon; tests/keyring_kill.rs kills the keyring commands at each
+# step through it), util-linux (setpriv), OpenSSL (the speed comparison), Python 3
+# (mmap and lock tests). Idempotent and quick when all is there.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)

@@ -425,6 +425,63 @@ fn status_and_metrics_after_a_known_workload() {
 }
 
 #[test]
+fn status_and_metrics_say_since_when_the_current_key_version_is_current() {
+    let d = tmp();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = local_volume(d.path(), &format!("metrics_address = \"{addr}\"\n"));
+    let dm = Daemon::start(d.path(), &["--config", s(&cfg)], &[]);
+    dm.until("READY=1");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let scrape = || {
+        let (code, page) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200);
+        (
+            metric(&page, "earfs_current_key_version"),
+            metric(&page, "earfs_current_key_version_changed_timestamp_seconds"),
+        )
+    };
+    // At start: version 1, current since the start.
+    let st = dm.status();
+    let started = st["started"].as_u64().unwrap();
+    assert_eq!(st["current_key_version"], 1, "{st}");
+    assert_eq!(st["current_key_version_since"], started, "{st}");
+    assert_eq!(scrape(), (1.0, started as f64));
+    // Let the clock pass the start's second, so that a change shows.
+    assert!(wait_until(3, || now() > started));
+    // A reload that keeps the version keeps the time.
+    dm.signal(rustix::process::Signal::HUP);
+    dm.until("READY=1");
+    assert_eq!(dm.status()["current_key_version_since"], started);
+    // A rotate through the daemon: version 2, since the rotate.
+    let before = now();
+    let out = Command::new(earfs())
+        .args(["rotate", s(&d.path().join("backing"))])
+        .env("EARFS_RUNTIME_DIR", &dm.runtime)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let st = dm.status();
+    assert_eq!(st["current_key_version"], 2, "{st}");
+    let since = st["current_key_version_since"].as_u64().unwrap();
+    assert!(since >= before && since > started && since <= now(), "{st}");
+    assert_eq!(scrape(), (2.0, since as f64));
+    // The human form says it too.
+    let out = Command::new(earfs())
+        .args(["status"])
+        .env("EARFS_RUNTIME_DIR", &dm.runtime)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[1,2] (current 2 since "), "{text}");
+}
+
+#[test]
 fn config_errors_name_the_key_and_the_file_and_flags_override_the_file() {
     let d = tmp();
     let cfg = local_volume(d.path(), "");

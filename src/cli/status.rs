@@ -128,9 +128,14 @@ fn print_one(v: &Value) {
     );
     let locked = v["keys_locked"].as_bool().unwrap_or(false);
     println!(
-        "  key versions:  {} (current {}){}",
+        "  key versions:  {} (current {}{}){}",
         s(&v["key_versions"]),
         s(&v["current_key_version"]),
+        if v["current_key_version_since"].is_u64() {
+            format!(" since {}", when(&v["current_key_version_since"]))
+        } else {
+            String::new()
+        },
         if locked { ", LOCKED" } else { "" }
     );
     let up = v["uptime_seconds"].as_u64().unwrap_or(0);

@@ -296,6 +296,17 @@ pub fn render(shared: &Shared) -> String {
         "earfs_current_key_version {}",
         st.current_key_version.unwrap_or(0)
     );
+    help(
+        &mut o,
+        "earfs_current_key_version_changed_timestamp_seconds",
+        "gauge",
+        "Unix time the current key version became current: the start, or the rotate or reload that changed it (0 while locked).",
+    );
+    let _ = writeln!(
+        o,
+        "earfs_current_key_version_changed_timestamp_seconds {}",
+        st.current_key_version_since.unwrap_or(0)
+    );
     o
 }
 

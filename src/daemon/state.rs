@@ -77,6 +77,9 @@ pub struct Shared {
     last_check: Mutex<Option<CheckRecord>>,
     last_success: Mutex<Option<u64>>,
     revocation: Mutex<Revocation>,
+    /// The current key version last installed and the unix time it became current
+    /// (the start, or the install that changed it). A lock does not change it.
+    current_since: Mutex<(u32, u64)>,
     /// Wakes the recheck thread early (reload, stop).
     wake: (Mutex<u64>, Condvar),
 }
@@ -120,7 +123,13 @@ pub struct Started {
 
 impl Shared {
     pub fn new(s: Started) -> Arc<Shared> {
+        let started = SystemTime::now();
+        let since = started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         Arc::new(Shared {
+            current_since: Mutex::new((s.cfg.keyring.current, since)),
             fs: s.fs,
             cache: s.cache,
             backing: s.backing,
@@ -129,7 +138,7 @@ impl Shared {
             threads: s.threads,
             writeback_cache: s.writeback_cache,
             config_file: s.config_file,
-            started: SystemTime::now(),
+            started,
             started_mono: Instant::now(),
             key_info: Mutex::new((s.cfg.kms.name(), s.cfg.kms.key_reference())),
             kms: Mutex::new(Kms {
@@ -203,6 +212,7 @@ impl Shared {
                     match Keyring::new(deks, current) {
                         Some(k) => {
                             self.fs.set_keys(k);
+                            self.note_current(current);
                             log::warn!(
                                 "CMK check: the key unwraps again; data keys restored, file I/O resumes"
                             );
@@ -463,6 +473,7 @@ impl Shared {
             .ok_or("the current key version is missing from the keyring")?;
         self.fs.set_write_format(format);
         self.fs.set_keys(keys);
+        self.note_current(cfg.keyring.current);
         *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.revocation) = Revocation {
             state: "ok",
@@ -470,6 +481,14 @@ impl Shared {
         };
         *lock(&self.last_success) = Some(now_unix());
         Ok(())
+    }
+
+    /// Record that `version` is the current key version from now on, if it was not.
+    fn note_current(&self, version: u32) {
+        let mut c = lock(&self.current_since);
+        if c.0 != version {
+            *c = (version, now_unix());
+        }
     }
 
     /// SIGHUP: read the config file again (reloadable keys), then `earfs.conf`, unwrap
@@ -549,6 +568,7 @@ impl Shared {
             key,
             key_versions: versions,
             current_key_version: current,
+            current_key_version_since: current.map(|_| lock(&self.current_since).1),
             keys_locked: self.fs.keys_locked(),
             started: self
                 .started
@@ -615,6 +635,9 @@ pub struct Status {
     pub key: String,
     pub key_versions: Vec<u32>,
     pub current_key_version: Option<u32>,
+    /// Unix time since when the current key version is current: the daemon's start, or
+    /// the rotate or reload that changed it (None while locked).
+    pub current_key_version_since: Option<u64>,
     pub keys_locked: bool,
     pub started: u64,
     pub uptime_seconds: u64,

@@ -212,67 +212,81 @@ fn keys(io: &Io<'_>) -> FsResult<(Arc<Keyring>, u64)> {
 }
 
 /// Load header and size from the backing file if not yet loaded under these keys.
+///
+/// Keys replaced while it loads (a rotate or reload installed a new keyring) make it
+/// load again under the new ones; only keys locked (revocation wiped them) fail it.
 pub fn load(c: &mut Content, io: &Io<'_>) -> FsResult<()> {
     if c.is_loaded(io.epoch) {
         return Ok(());
     }
-    c.unload();
-    let (keys, epoch) = keys(io)?;
+    loop {
+        c.unload();
+        let (keys, epoch) = keys(io)?;
+        let loaded = load_under(c, io, &keys);
+        // Keys locked or replaced while we loaded (checked under the content lock, which
+        // the lock takes for every file after the epoch changed): keep no cipher of old
+        // keys. Replaced: load again under the new ones, which may also hold the version
+        // of a header the old ones did not know (`keys` fails if they are now locked).
+        // Each turn needs another install during one header read, so this ends.
+        if io.keys.epoch() != epoch {
+            continue;
+        }
+        let size = loaded?;
+        c.size = size;
+        c.epoch = epoch;
+        c.loaded = true;
+        return Ok(());
+    }
+}
+
+/// Read the header under `keys` into `c` (its cipher, or none) and return the
+/// plaintext size.
+fn load_under(c: &mut Content, io: &Io<'_>, keys: &Keyring) -> FsResult<u64> {
     let st = rustix::fs::fstat(io.file)?;
     let backing = st.st_size as u64;
     c.orphan = false;
-    let size = if backing == 0 {
+    if backing == 0 {
         c.cipher = None;
-        0
-    } else if backing < HEADER_LEN {
+        return Ok(0);
+    }
+    if backing < HEADER_LEN {
         return Err(corrupt(
             c,
             io,
             format!("backing file is {backing} bytes, shorter than the {HEADER_LEN}-byte header"),
         ));
+    }
+    let mut h = [0u8; HEADER_LEN as usize];
+    let n = pread_full(io.file, &mut h, 0)?;
+    let format = if header_never_written(&h[..n]) {
+        c.orphan = true;
+        c.cipher = None;
+        io.format
     } else {
-        let mut h = [0u8; HEADER_LEN as usize];
-        let n = pread_full(io.file, &mut h, 0)?;
-        let format = if header_never_written(&h[..n]) {
-            c.orphan = true;
-            c.cipher = None;
-            io.format
-        } else {
-            match decode_header(&keys, &h[..n]) {
-                Ok(cipher) => {
-                    let f = cipher.format();
-                    c.cipher = Some(cipher);
-                    f
-                }
-                Err(e) => return Err(corrupt(c, io, e.to_string())),
+        match decode_header(keys, &h[..n]) {
+            Ok(cipher) => {
+                let f = cipher.format();
+                c.cipher = Some(cipher);
+                f
             }
-        };
-        match backing_size_to_plain_size(format, backing)
-            .or_else(|| c.orphan.then(|| backing - HEADER_LEN))
-        {
-            Some(s) => s,
-            None => {
-                c.cipher = None;
-                return Err(corrupt(
-                    c,
-                    io,
-                    format!(
-                        "backing length {backing} is not a length of a v2 file (1 to 15 bytes past the header)"
-                    ),
-                ));
-            }
+            Err(e) => return Err(corrupt(c, io, e.to_string())),
         }
     };
-    // Keys locked or replaced while we loaded (checked under the content lock, which
-    // the lock takes for every file after the epoch changed): keep no cipher of old keys.
-    if io.keys.epoch() != epoch {
-        c.unload();
-        return Err(FsError::KeysLocked);
+    match backing_size_to_plain_size(format, backing)
+        .or_else(|| c.orphan.then(|| backing - HEADER_LEN))
+    {
+        Some(s) => Ok(s),
+        None => {
+            c.cipher = None;
+            Err(corrupt(
+                c,
+                io,
+                format!(
+                    "backing length {backing} is not a length of a v2 file (1 to 15 bytes past the header)"
+                ),
+            ))
+        }
     }
-    c.size = size;
-    c.epoch = epoch;
-    c.loaded = true;
-    Ok(())
 }
 
 fn header_error(io: &Io<'_>, e: crate::content::HeaderError) -> FsError {

@@ -1169,6 +1169,111 @@ mod tests {
     }
 
     #[test]
+    fn replacing_the_keys_during_reads_and_writes_fails_no_request() {
+        // A rotate or reload installs a new keyring while requests are loading a file's
+        // cipher: they must load again under the new keys, not fail with EIO (only a
+        // lock, which wipes the keys, fails them). Several requesters against one
+        // swapper, so that on any number of CPUs swaps land inside loads.
+        let d = tempfile::tempdir().unwrap();
+        let dek = Dek::generate().unwrap();
+        let v2 = Dek::generate().unwrap();
+        let fs = EarFs::new(d.path(), keyring(&dek), FileFormat::V2).unwrap();
+        let rows = b"committed rows ".repeat(1000);
+        let files: Vec<(u64, u64)> = (0..4)
+            .map(|i| {
+                let name = format!("f{i}");
+                let (attr, fh) = fs
+                    .create(ROOT_ID, OsStr::new(&name), 0o600, libc::O_RDWR, ROOT)
+                    .unwrap();
+                fs.write(fh, 0, &rows).unwrap();
+                (attr.ino, fh)
+            })
+            .collect();
+        let rotated = || {
+            Keyring::new(
+                [
+                    (1, Dek::from_slice(dek.expose()).unwrap()),
+                    (2, Dek::from_slice(v2.expose()).unwrap()),
+                ],
+                2,
+            )
+            .unwrap()
+        };
+        let done = AtomicBool::new(false);
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        let (swaps, requests, failures) = std::thread::scope(|s| {
+            let swapper = s.spawn(|| {
+                let mut n = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    fs.set_keys(if n.is_multiple_of(2) {
+                        rotated()
+                    } else {
+                        keyring(&dek)
+                    });
+                    n += 1;
+                }
+                n
+            });
+            let requesters: Vec<_> = files
+                .iter()
+                .map(|&(ino, fh)| {
+                    let (fs, rows) = (&fs, &rows);
+                    s.spawn(move || {
+                        let (mut requests, mut failures) = (0u64, Vec::new());
+                        while std::time::Instant::now() < until {
+                            let mut got = Vec::new();
+                            // Small requests: most of their time is the load that races.
+                            match fs.read(fh, 0, 100, |b| got.extend_from_slice(b)) {
+                                Ok(()) => {
+                                    assert!(got == rows[..100], "a read returned other bytes")
+                                }
+                                Err(e) => failures.push(format!("read: {e}")),
+                            }
+                            match fs.open(ino, libc::O_RDONLY) {
+                                Ok(h) => fs.release(h),
+                                Err(e) => failures.push(format!("open: {e}")),
+                            }
+                            if let Err(e) = fs.write(fh, 0, &rows[..100]) {
+                                failures.push(format!("write: {e}"));
+                            }
+                            requests += 3;
+                        }
+                        (requests, failures)
+                    })
+                })
+                .collect();
+            let (mut requests, mut failures) = (0, Vec::new());
+            for r in requesters {
+                let (n, f) = r.join().unwrap();
+                requests += n;
+                failures.extend(f);
+            }
+            done.store(true, Ordering::Relaxed);
+            (swapper.join().unwrap(), requests, failures)
+        });
+        eprintln!(
+            "{swaps} swaps, {requests} requests, {} failed",
+            failures.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "{} of {requests} requests failed while the keys were replaced {swaps} times, first: {}",
+            failures.len(),
+            failures[0]
+        );
+        assert!(
+            swaps > 100 && requests > 100,
+            "{swaps} swaps, {requests} requests"
+        );
+        // A lock still fails them.
+        fs.lock_keys();
+        assert!(matches!(
+            fs.read(files[0].1, 0, 10, |_| ()),
+            Err(FsError::KeysLocked)
+        ));
+    }
+
+    #[test]
     fn locked_keys_fail_file_io_and_unlocking_restores_it() {
         let d = tempfile::tempdir().unwrap();
         let dek = Dek::generate().unwrap();

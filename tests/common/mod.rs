@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod crashmodel;
+pub mod keyring_kill;
 pub mod kms;
 
 pub fn earfs() -> &'static str {
