@@ -136,7 +136,7 @@ pub(super) fn open_validated(
 /// This node's settings for an existing keyring's key (a volume's, or one to join):
 /// the recorded ones, with the per-node flags (credentials, profile, endpoint, region)
 /// applied. The key itself cannot change.
-fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
+pub(super) fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<ProviderSpec, Failure> {
     if let Some(k) = args.kms
         && kms_name(k) != source.name()
     {
@@ -377,9 +377,11 @@ pub(super) fn export_keyring(
             f.write_all(text.as_bytes()).map_err(io)?;
             f.sync_all().map_err(io)?;
             eprintln!(
-                "wrote keyring {} ({} key version(s)) to {}; join a node with: earfs init --join {} BACKING",
+                "wrote keyring {} ({} key version(s), current {}) to {}; on the other nodes of the cluster: earfs import-keyring {} BACKING; a new node joins with: earfs init --join {} BACKING",
                 cfg.keyring.id,
                 cfg.keyring.keys.len(),
+                cfg.keyring.current,
+                p.display(),
                 p.display(),
                 p.display()
             );

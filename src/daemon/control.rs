@@ -4,7 +4,8 @@
 //! 0600), named after a hash of the mountpoint. Only root may use it: the peer's
 //! credentials are checked on every connection. The protocol is one request line
 //! (`status`; `upgrade`: make the volume write the newest format; `rotate`: a new
-//! current data key version) and one JSON reply.
+//! current data key version; `import-keyring /ABSOLUTE/PATH`: merge a newer export of
+//! the volume's keyring, which the daemon reads) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -83,18 +84,41 @@ fn answer(shared: &Shared, conn: UnixStream) {
         );
         return;
     }
-    let reply = match line.trim() {
-        "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
-        "upgrade" => match shared.upgrade() {
-            Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
-            Err(e) => serde_json::json!({ "error": e }).to_string(),
-        },
-        "rotate" => match shared.rotate() {
-            Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
-            Err(e) => serde_json::json!({ "error": e }).to_string(),
-        },
-        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
-    };
+    let reply =
+        match line.trim() {
+            "status" => serde_json::to_string(&shared.status()).unwrap_or_default(),
+            "upgrade" => match shared.upgrade() {
+                Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
+                Err(e) => serde_json::json!({ "error": e }).to_string(),
+            },
+            "rotate" => match shared.rotate() {
+                Ok((from, to)) => serde_json::json!({ "from": from, "to": to }).to_string(),
+                Err(e) => serde_json::json!({ "error": e }).to_string(),
+            },
+            other => match other.strip_prefix("import-keyring ") {
+                Some(file) if Path::new(file).is_absolute() => {
+                    match shared.import_keyring(Path::new(file)) {
+                        Ok(Some(i)) => serde_json::json!({
+                            "changed": true,
+                            "from": i.from,
+                            "to": i.to,
+                            "added": i.added,
+                            "dropped": i.dropped,
+                            "kms_changed": i.kms_changed,
+                        })
+                        .to_string(),
+                        Ok(None) => serde_json::json!({ "changed": false }).to_string(),
+                        Err(f) => serde_json::json!({ "error": f.message, "exit_code": f.code })
+                            .to_string(),
+                    }
+                }
+                Some(_) => serde_json::json!({ "error": "import-keyring needs an absolute path" })
+                    .to_string(),
+                None => {
+                    serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string()
+                }
+            },
+        };
     let _ = writeln!(w, "{reply}");
 }
 
@@ -124,6 +148,22 @@ pub fn request(socket: &Path, what: &str, timeout: Duration) -> std::io::Result<
         return Err(std::io::Error::new(kind, e.to_string()));
     }
     Ok(v)
+}
+
+/// Send `what` to the daemon behind `socket` and return its JSON reply as it is, an
+/// error reply included (`error`, and `exit_code` where the daemon gives one).
+pub fn request_json(
+    socket: &Path,
+    what: &str,
+    timeout: Duration,
+) -> std::io::Result<serde_json::Value> {
+    let conn = UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut w = &conn;
+    writeln!(w, "{what}")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Every control socket in the runtime directory (none if it does not exist).
