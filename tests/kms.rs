@@ -1153,3 +1153,88 @@ fn import_keyring_refuses_another_keyring_an_altered_file_and_a_version_still_in
     assert!(err.contains("older export"), "{err}");
     assert_eq!(fs::read(&conf2).unwrap(), conf);
 }
+
+#[test]
+fn import_keyring_moves_a_mounted_node_to_another_key_and_its_daemon_uses_it() {
+    let d = Dir::new();
+    let key = d.p("key");
+    let n1 = d.p("node1");
+    init_local(&key, &n1);
+    let n2 = d.p("node2");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n2)]);
+    // The keyring recorded under another key reference (a copy of the key file stands
+    // in for another KMS key: the daemon must open it and keep using it).
+    let moved = d.p("moved-key");
+    fs::copy(&key, &moved).unwrap();
+    fs::set_permissions(&moved, fs::Permissions::from_mode(0o600)).unwrap();
+    let export = d.p("moved.toml");
+    {
+        use earfs::volume::{KeyringExport, VolumeConfig, current_of};
+        let mut cfg = VolumeConfig::load(&n1).unwrap();
+        let prov = earfs::kms::LocalProvider::open(&key).unwrap();
+        let deks = cfg.unlock(&n1, &prov).unwrap();
+        cfg.kms = earfs::kms::ProviderSpec::Local {
+            key_file: moved.clone(),
+        };
+        let current = current_of(&deks, 1).unwrap();
+        fs::write(&export, KeyringExport::of(&cfg, current).to_text()).unwrap();
+    }
+    let mnt2 = d.mnt("mnt2");
+    let _m = mount_at(&n2, &mnt2);
+    let out = ok(&["import-keyring", s(&export), s(&n2)]);
+    assert!(out.contains("moved to this KMS key"), "{out}");
+    assert_eq!(conf_value(&n2)["kms"]["key_file"].as_str(), Some(s(&moved)));
+    let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt2)])).unwrap();
+    assert_eq!(st["key"], format!("key file {}", s(&moved)), "{st}");
+    // The old key is gone: the daemon rotates with the new one.
+    fs::remove_file(&key).unwrap();
+    let out = ok(&["rotate", s(&n2)]);
+    assert!(out.contains("version 2 is current"), "{out}");
+    fs::write(mnt2.join("f"), b"under the moved key").unwrap();
+    assert_eq!(header_key_version(&n2.join("f")), 2);
+}
+
+#[test]
+fn gcp_import_keyring_after_a_rotation_on_another_node() {
+    let g = Gcp::new();
+    let node1 = g.dir.p("node1");
+    let (c, _, err) = g.init(&g.key, &node1);
+    assert_eq!(c, 0, "{err}");
+    let export = g.dir.p("keyring.toml");
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    let node2 = g.dir.p("node2");
+    ok(&[
+        "init",
+        "--join",
+        s(&export),
+        "--credentials",
+        s(&g.sa),
+        s(&node2),
+    ]);
+    ok(&["rotate", s(&node1)]);
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    let decrypts = g.fake.count_requests(":decrypt");
+    let out = ok(&[
+        "import-keyring",
+        "--credentials",
+        s(&g.sa),
+        s(&export),
+        s(&node2),
+    ]);
+    assert!(out.contains("current 2 (was 1); added [2]"), "{out}");
+    // Node 2's own keyring (1 version) and the import (2) were unwrapped through the KMS.
+    assert_eq!(g.fake.count_requests(":decrypt") - decrypts, 3);
+    assert_eq!(conf_value(&node2)["keyring"], conf_value(&node1)["keyring"]);
+    let (c, v) = check_json(&[s(&node2)]);
+    assert_eq!(c, 0, "{v}");
+    // Node 1's file, written under version 2, reads on node 2.
+    let mnt1 = g.dir.mnt("mnt1");
+    {
+        let _m = mount_at(&node1, &mnt1);
+        fs::write(mnt1.join("wal.log"), b"version 2 record").unwrap();
+    }
+    fs::copy(node1.join("wal.log"), node2.join("wal.log")).unwrap();
+    let mnt2 = g.dir.mnt("mnt2");
+    let _m = mount_at(&node2, &mnt2);
+    assert_eq!(fs::read(mnt2.join("wal.log")).unwrap(), b"version 2 record");
+}
