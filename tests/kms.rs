@@ -1179,6 +1179,17 @@ fn import_keyring_moves_a_mounted_node_to_another_key_and_its_daemon_uses_it() {
         let current = current_of(&deks, 1).unwrap();
         fs::write(&export, KeyringExport::of(&cfg, current).to_text()).unwrap();
     }
+    // Unmounted, with this node's own key file for the new key: recorded with it.
+    let n3 = d.p("node3");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n3)]);
+    let own = d.p("node3-key");
+    fs::copy(&key, &own).unwrap();
+    fs::set_permissions(&own, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = ok(&["import-keyring", "--key-file", s(&own), s(&export), s(&n3)]);
+    assert!(out.contains("moved to this KMS key"), "{out}");
+    assert_eq!(conf_value(&n3)["kms"]["key_file"].as_str(), Some(s(&own)));
+    let out = ok(&["import-keyring", "--key-file", s(&own), s(&export), s(&n3)]);
+    assert!(out.contains("nothing to do"), "{out}");
     let mnt2 = d.mnt("mnt2");
     let _m = mount_at(&n2, &mnt2);
     let out = ok(&["import-keyring", s(&export), s(&n2)]);

@@ -14,7 +14,7 @@ use super::files::count_files;
 use super::kms::{node_spec, retry};
 use crate::daemon::control::request_json;
 use crate::daemon::{self, Failure, exit};
-use crate::kms::KmsOverrides;
+use crate::kms::{KmsOverrides, ProviderSpec};
 use crate::volume::{self, Imported, JoinSource, VolumeConfig};
 
 /// The per-node flags as overrides of a recorded spec (as `node_spec` applies them).
@@ -144,10 +144,13 @@ fn offline(
     let r = retry(args.kms_deadline)?;
     let mut cfg = VolumeConfig::load(backing)?;
     let same = volume::same_key(source.kms(), &cfg.kms);
-    // This volume's key, with the per-node flags when they are for its provider.
+    // This volume's key, with the per-node flags when they are for its provider (a
+    // local key file given is the import's key, not this volume's).
     let own_spec = if same {
         node_spec(args, &cfg.kms)?
-    } else if cfg.kms.name() == source.kms().name() {
+    } else if cfg.kms.name() == source.kms().name()
+        && !matches!(cfg.kms, ProviderSpec::Local { .. })
+    {
         cfg.kms.with_overrides(&overrides(args))?
     } else {
         cfg.kms.clone()

@@ -315,7 +315,7 @@ impl Shared {
     /// to drop the version it writes new files under (a file may have been created
     /// under it since that count). When the keys are now wrapped by another KMS key,
     /// the daemon opens it (with its per-node `[kms]` overrides when the provider is
-    /// the same and they apply, else with the settings the import recorded) and uses
+    /// the same aws or gcp and they apply, else with the settings the import recorded) and uses
     /// it from then on, for the CMK recheck too. Returns `None` if nothing changed.
     pub fn import_keyring(
         &self,
@@ -341,7 +341,11 @@ impl Shared {
             None
         } else {
             let spec = source.kms();
-            let node = if spec.name() == cfg.kms.name() {
+            // The per-node overrides are for this provider's credentials; a local key
+            // file override names the old key, so it does not carry over.
+            let node = if spec.name() == cfg.kms.name()
+                && !matches!(spec, crate::kms::ProviderSpec::Local { .. })
+            {
                 spec.with_overrides(&settings.kms_overrides)
                     .unwrap_or_else(|_| spec.clone())
             } else {
