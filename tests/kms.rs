@@ -960,3 +960,292 @@ fn kms_check_of_a_volume_verifies_its_config_mac_and_info_says_it_did_not() {
     assert_eq!(c, 15, "{out}{err}");
     assert!(out.contains("does not authenticate"), "{out}");
 }
+
+// ---------------------------------------------------------------- keyring import
+
+/// `earfs mount --log-file LOG BACKING MNT`, which must succeed; unmounted on drop.
+fn mount_logging(backing: &Path, mnt: &Path, log: &Path) -> MountGuard {
+    let (c, _, e) = earfs_out(&["mount", "--log-file", s(log), s(backing), s(mnt)]);
+    assert_eq!(c, 0, "mount failed: {e}");
+    MountGuard(mnt.to_path_buf())
+}
+
+fn current_version(backing: &Path) -> i64 {
+    conf_value(backing)["keyring"]["current"]
+        .as_integer()
+        .unwrap()
+}
+
+fn header_key_version(path: &Path) -> u32 {
+    let h = fs::read(path).unwrap();
+    u32::from_le_bytes([h[12], h[13], h[14], h[15]])
+}
+
+#[test]
+fn import_keyring_brings_a_rotation_to_the_other_nodes_mounted_or_not() {
+    let d = Dir::new();
+    let key = d.p("key");
+    let n1 = d.p("node1");
+    init_local(&key, &n1);
+    // Node 2 joins by node 1's earfs.conf, nodes 3 and 4 by an export.
+    let first = d.p("first.toml");
+    ok(&["export-keyring", "-o", s(&first), s(&n1)]);
+    let n2 = d.p("node2");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n2)]);
+    let (n3, n4) = (d.p("node3"), d.p("node4"));
+    for n in [&n3, &n4] {
+        ok(&["init", "--join", s(&first), s(n)]);
+    }
+    let ids: Vec<toml::Value> = [&n2, &n3]
+        .iter()
+        .map(|n| conf_value(n)["volume_id"].clone())
+        .collect();
+    ok(&["rotate", s(&n1)]);
+    let export = d.p("ring.toml");
+    let (c, _, err) = earfs_out(&["export-keyring", "-o", s(&export), s(&n1)]);
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("earfs import-keyring"), "{err}");
+    assert!(err.contains("earfs init --join"), "{err}");
+    assert!(
+        fs::read_to_string(&export)
+            .unwrap()
+            .contains("earfs import-keyring THIS-FILE BACKING")
+    );
+    // Node 1 writes a file under version 2; its backing file goes to the others.
+    let data = b"written on node 1 under key version 2";
+    let mnt1 = d.mnt("mnt1");
+    {
+        let _m = mount_at(&n1, &mnt1);
+        fs::write(mnt1.join("wal.log"), data).unwrap();
+    }
+    assert_eq!(header_key_version(&n1.join("wal.log")), 2);
+    for n in [&n2, &n3, &n4] {
+        fs::copy(n1.join("wal.log"), n.join("wal.log")).unwrap();
+    }
+    // Node 2 is mounted: the import goes through its daemon, which switches at once.
+    let mnt2 = d.mnt("mnt2");
+    {
+        let _m = mount_logging(&n2, &mnt2, &d.p("node2.log"));
+        let out = ok(&["import-keyring", s(&export), s(&n2)]);
+        assert!(out.contains("through the running daemon"), "{out}");
+        assert!(out.contains("current 2 (was 1); added [2]"), "{out}");
+        let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt2)])).unwrap();
+        assert_eq!(st["current_key_version"], 2, "{st}");
+        assert_eq!(st["key_versions"], json!([1, 2]), "{st}");
+        assert_eq!(fs::read(mnt2.join("wal.log")).unwrap(), data);
+        fs::write(mnt2.join("new"), b"node 2").unwrap();
+        assert_eq!(header_key_version(&n2.join("new")), 2);
+        // Again: nothing to do.
+        let out = ok(&["import-keyring", s(&export), s(&n2)]);
+        assert!(out.contains("nothing to do"), "{out}");
+        // The daemon uses its own per-node settings: flags for them are refused.
+        let (c, _, err) = earfs_out(&["import-keyring", "--key-file", s(&key), s(&export), s(&n2)]);
+        assert_eq!(c, 2, "{err}");
+        assert!(err.contains("is mounted"), "{err}");
+    }
+    // Node 3 is not mounted: earfs.conf is rewritten under its lock.
+    let out = ok(&["import-keyring", s(&export), s(&n3)]);
+    assert!(out.contains("not mounted: earfs.conf rewritten"), "{out}");
+    let out = ok(&["import-keyring", s(&export), s(&n3)]);
+    assert!(out.contains("nothing to do"), "{out}");
+    for (n, id) in [&n2, &n3].iter().zip(&ids) {
+        assert_eq!(current_version(n), 2);
+        assert_eq!(conf_value(n)["volume_id"], *id);
+        assert_eq!(conf_value(n)["keyring"], conf_value(&n1)["keyring"]);
+        let mnt = d.mnt("mnt-again");
+        let _m = mount_at(n, &mnt);
+        assert_eq!(fs::read(mnt.join("wal.log")).unwrap(), data);
+    }
+    // Node 4 did not import: the file does not read (EIO, never garbage), and the log
+    // names the missing version.
+    let log = d.p("node4.log");
+    let mnt4 = d.mnt("mnt4");
+    {
+        let _m = mount_logging(&n4, &mnt4, &log);
+        let e = fs::read(mnt4.join("wal.log")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("key version 2"), "{text}");
+    assert!(text.contains("earfs import-keyring"), "{text}");
+}
+
+/// An export of `backing`'s keyring without key version `drop` (as node 1 writes once
+/// it has retired that version), made with the library.
+fn export_without(backing: &Path, drop: u32, key: &Path, out: &Path) {
+    use earfs::volume::{KeyringExport, VolumeConfig, current_of};
+    let mut cfg = VolumeConfig::load(backing).unwrap();
+    let prov = earfs::kms::LocalProvider::open(key).unwrap();
+    let deks = cfg.unlock(backing, &prov).unwrap();
+    cfg.keyring.keys.retain(|k| k.version != drop);
+    let current = current_of(&deks, cfg.keyring.current).unwrap();
+    fs::write(out, KeyringExport::of(&cfg, current).to_text()).unwrap();
+}
+
+#[test]
+fn import_keyring_refuses_another_keyring_an_altered_file_and_a_version_still_in_use() {
+    let d = Dir::new();
+    let key = d.p("key");
+    let n1 = d.p("node1");
+    init_local(&key, &n1);
+    let n2 = d.p("node2");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n2)]);
+    let conf2 = n2.join("earfs.conf");
+    let before = fs::read(&conf2).unwrap();
+    // Another keyring: exit 11, nothing written.
+    let other = d.p("other");
+    init_local(&key, &other);
+    let (c, _, err) = earfs_out(&["import-keyring", s(&other.join("earfs.conf")), s(&n2)]);
+    assert_eq!(c, 11, "{err}");
+    assert!(
+        err.contains("not imported") && err.contains("keyring"),
+        "{err}"
+    );
+    // An altered export: exit 15, nothing written.
+    let old_export = d.p("before-rotation.toml");
+    ok(&["export-keyring", "-o", s(&old_export), s(&n1)]);
+    ok(&["rotate", s(&n1)]);
+    let export = d.p("ring.toml");
+    ok(&["export-keyring", "-o", s(&export), s(&n1)]);
+    let good = fs::read_to_string(&export).unwrap();
+    let from = conf_value(&n1)["volume_id"].as_str().unwrap().to_string();
+    let altered = d.p("altered.toml");
+    fs::write(&altered, good.replace(&from, "someone-else")).unwrap();
+    let (c, _, err) = earfs_out(&["import-keyring", s(&altered), s(&n2)]);
+    assert_eq!(c, 15, "{err}");
+    assert_eq!(fs::read(&conf2).unwrap(), before);
+    // Node 2 holds a file under version 1; node 1 retires version 1.
+    let mnt2 = d.mnt("mnt2");
+    {
+        let _m = mount_at(&n2, &mnt2);
+        fs::write(mnt2.join("old"), b"under version 1").unwrap();
+    }
+    ok(&["import-keyring", s(&export), s(&n2)]);
+    let retired = d.p("retired.toml");
+    export_without(&n1, 1, &key, &retired);
+    let conf = fs::read(&conf2).unwrap();
+    for mounted in [false, true] {
+        let _m = mounted.then(|| mount_at(&n2, &mnt2));
+        let (c, _, err) = earfs_out(&["import-keyring", s(&retired), s(&n2)]);
+        assert_eq!(c, 11, "mounted {mounted}: {err}");
+        assert!(
+            err.contains("1 file(s) still use key version 1"),
+            "mounted {mounted}: {err}"
+        );
+        assert_eq!(fs::read(&conf2).unwrap(), conf);
+    }
+    // Once no file uses it, version 1 goes.
+    fs::remove_file(n2.join("old")).unwrap();
+    let out = ok(&["import-keyring", s(&retired), s(&n2)]);
+    assert!(out.contains("dropped [1]"), "{out}");
+    let versions: Vec<i64> = conf_value(&n2)["keyring"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_integer().unwrap())
+        .collect();
+    assert_eq!(versions, [2]);
+    // An export from before the rotation (current 1, without 2) would move the current
+    // version back: refused, nothing written.
+    let conf = fs::read(&conf2).unwrap();
+    let (c, _, err) = earfs_out(&["import-keyring", s(&old_export), s(&n2)]);
+    assert_eq!(c, 11, "{err}");
+    assert!(err.contains("older export"), "{err}");
+    assert_eq!(fs::read(&conf2).unwrap(), conf);
+}
+
+#[test]
+fn import_keyring_moves_a_mounted_node_to_another_key_and_its_daemon_uses_it() {
+    let d = Dir::new();
+    let key = d.p("key");
+    let n1 = d.p("node1");
+    init_local(&key, &n1);
+    let n2 = d.p("node2");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n2)]);
+    // The keyring recorded under another key reference (a copy of the key file stands
+    // in for another KMS key: the daemon must open it and keep using it).
+    let moved = d.p("moved-key");
+    fs::copy(&key, &moved).unwrap();
+    fs::set_permissions(&moved, fs::Permissions::from_mode(0o600)).unwrap();
+    let export = d.p("moved.toml");
+    {
+        use earfs::volume::{KeyringExport, VolumeConfig, current_of};
+        let mut cfg = VolumeConfig::load(&n1).unwrap();
+        let prov = earfs::kms::LocalProvider::open(&key).unwrap();
+        let deks = cfg.unlock(&n1, &prov).unwrap();
+        cfg.kms = earfs::kms::ProviderSpec::Local {
+            key_file: moved.clone(),
+        };
+        let current = current_of(&deks, 1).unwrap();
+        fs::write(&export, KeyringExport::of(&cfg, current).to_text()).unwrap();
+    }
+    // Unmounted, with this node's own key file for the new key: recorded with it.
+    let n3 = d.p("node3");
+    ok(&["init", "--join", s(&n1.join("earfs.conf")), s(&n3)]);
+    let own = d.p("node3-key");
+    fs::copy(&key, &own).unwrap();
+    fs::set_permissions(&own, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = ok(&["import-keyring", "--key-file", s(&own), s(&export), s(&n3)]);
+    assert!(out.contains("moved to this KMS key"), "{out}");
+    assert_eq!(conf_value(&n3)["kms"]["key_file"].as_str(), Some(s(&own)));
+    let out = ok(&["import-keyring", "--key-file", s(&own), s(&export), s(&n3)]);
+    assert!(out.contains("nothing to do"), "{out}");
+    let mnt2 = d.mnt("mnt2");
+    let _m = mount_at(&n2, &mnt2);
+    let out = ok(&["import-keyring", s(&export), s(&n2)]);
+    assert!(out.contains("moved to this KMS key"), "{out}");
+    assert_eq!(conf_value(&n2)["kms"]["key_file"].as_str(), Some(s(&moved)));
+    let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt2)])).unwrap();
+    assert_eq!(st["key"], format!("key file {}", s(&moved)), "{st}");
+    // The old key is gone: the daemon rotates with the new one.
+    fs::remove_file(&key).unwrap();
+    let out = ok(&["rotate", s(&n2)]);
+    assert!(out.contains("version 2 is current"), "{out}");
+    fs::write(mnt2.join("f"), b"under the moved key").unwrap();
+    assert_eq!(header_key_version(&n2.join("f")), 2);
+}
+
+#[test]
+fn gcp_import_keyring_after_a_rotation_on_another_node() {
+    let g = Gcp::new();
+    let node1 = g.dir.p("node1");
+    let (c, _, err) = g.init(&g.key, &node1);
+    assert_eq!(c, 0, "{err}");
+    let export = g.dir.p("keyring.toml");
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    let node2 = g.dir.p("node2");
+    ok(&[
+        "init",
+        "--join",
+        s(&export),
+        "--credentials",
+        s(&g.sa),
+        s(&node2),
+    ]);
+    ok(&["rotate", s(&node1)]);
+    ok(&["export-keyring", "-o", s(&export), s(&node1)]);
+    let decrypts = g.fake.count_requests(":decrypt");
+    let out = ok(&[
+        "import-keyring",
+        "--credentials",
+        s(&g.sa),
+        s(&export),
+        s(&node2),
+    ]);
+    assert!(out.contains("current 2 (was 1); added [2]"), "{out}");
+    // Node 2's own keyring (1 version) and the import (2) were unwrapped through the KMS.
+    assert_eq!(g.fake.count_requests(":decrypt") - decrypts, 3);
+    assert_eq!(conf_value(&node2)["keyring"], conf_value(&node1)["keyring"]);
+    let (c, v) = check_json(&[s(&node2)]);
+    assert_eq!(c, 0, "{v}");
+    // Node 1's file, written under version 2, reads on node 2.
+    let mnt1 = g.dir.mnt("mnt1");
+    {
+        let _m = mount_at(&node1, &mnt1);
+        fs::write(mnt1.join("wal.log"), b"version 2 record").unwrap();
+    }
+    fs::copy(node1.join("wal.log"), node2.join("wal.log")).unwrap();
+    let mnt2 = g.dir.mnt("mnt2");
+    let _m = mount_at(&node2, &mnt2);
+    assert_eq!(fs::read(mnt2.join("wal.log")).unwrap(), b"version 2 record");
+}

@@ -60,7 +60,7 @@ pub(super) fn rotate(backing: &Path, deadline: u64) -> Result<(), Failure> {
     Ok(())
 }
 
-fn canonical(backing: &Path) -> Result<PathBuf, Failure> {
+pub(super) fn canonical(backing: &Path) -> Result<PathBuf, Failure> {
     std::fs::canonicalize(backing)
         .map_err(|e| Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display())))
 }
@@ -225,7 +225,7 @@ pub(super) fn rewrap(args: &KmsArgs, backing: &Path) -> Result<(), Failure> {
 }
 
 /// The control socket of the daemon that serves `backing` (canonical path).
-fn daemon_of(backing: &Path) -> Result<PathBuf, Failure> {
+pub(super) fn daemon_of(backing: &Path) -> Result<PathBuf, Failure> {
     let socks = sockets().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     for s in socks {
         if let Ok(v) = request_status(&s)

@@ -162,7 +162,7 @@ pub(super) fn keys(backing: &Path, json: bool) -> Result<(), Failure> {
     }
     for (v, n) in &unknown {
         println!(
-            "{v:>7}  missing  {n} (this keyring lacks version {v}: those files cannot be read here; import the cluster's keyring)"
+            "{v:>7}  missing  {n} (this keyring lacks version {v}: those files cannot be read here; take the cluster's newer keyring with earfs import-keyring)"
         );
     }
     if c.empty + c.no_header > 0 {

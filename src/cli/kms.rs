@@ -440,9 +440,11 @@ pub(super) fn export_keyring(
             f.write_all(text.as_bytes()).map_err(io)?;
             f.sync_all().map_err(io)?;
             eprintln!(
-                "wrote keyring {} ({} key version(s)) to {}; join a node with: earfs init --join {} BACKING",
+                "wrote keyring {} ({} key version(s), current {}) to {}; on the other nodes of the cluster: earfs import-keyring {} BACKING; a new node joins with: earfs init --join {} BACKING",
                 cfg.keyring.id,
                 cfg.keyring.keys.len(),
+                cfg.keyring.current,
+                p.display(),
                 p.display(),
                 p.display()
             );

@@ -12,6 +12,7 @@ use crate::volume::{self, VolumeConfig};
 
 mod change;
 mod files;
+mod import;
 mod kms;
 mod mount;
 mod status;
@@ -123,8 +124,10 @@ pub enum Command {
         /// Backing directory of an existing volume.
         backing: Option<PathBuf>,
     },
-    /// Write the volume's keyring (wrapped data keys only) for other nodes to join with
-    /// `earfs init --join`. Unwraps through the KMS first to prove the keyring is whole.
+    /// Write the volume's keyring (wrapped data keys only) for other nodes: a new node
+    /// joins with `earfs init --join FILE`, an existing one takes a newer keyring (after
+    /// `earfs rotate`) with `earfs import-keyring FILE`. Unwraps through the KMS first to
+    /// prove the keyring is whole.
     ExportKeyring {
         /// Output file (mode 0600); standard output if absent.
         #[arg(short, long, value_name = "FILE")]
@@ -133,6 +136,42 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
         kms_deadline: u64,
         /// Backing directory of the volume.
+        backing: PathBuf,
+    },
+    /// Merge a newer export of the cluster's keyring into this node's existing volume,
+    /// after another node ran `earfs rotate` (or retired a version, or moved the keys
+    /// to another KMS key).
+    ///
+    /// FILE is a file from `earfs export-keyring` or another node's earfs.conf; it must
+    /// hold this volume's keyring (same keyring id). Every key in it is unwrapped
+    /// through its KMS key with this node's credentials, which proves this node may use
+    /// them, and FILE is authenticated with its current key: an altered file is refused
+    /// (exit 15) and nothing is written. A version both sides hold must be the same data
+    /// key. Then earfs.conf takes the import's versions, current version, wrapped keys
+    /// and KMS key; the volume id, format and this node's KMS settings stay (when the
+    /// KMS key changed, the new key is recorded with this node's flags applied).
+    ///
+    /// --credentials, --profile, --region, --endpoint-url and (local) --key-file are this
+    /// node's settings for the import's KMS key, as with `init --join`; --kms, --key-arn
+    /// and --key-resource may only confirm that key. A mounted volume's daemon uses its
+    /// own settings (its config file's [kms] table): leave them out then.
+    ///
+    /// Refused, with nothing written: another keyring (exit 11); an older export whose
+    /// current version is behind this volume's; an export that lacks a version some
+    /// file of this volume still uses (the files are counted from their headers, as
+    /// `earfs keys` does). Importing the same keyring again does nothing (exit 0).
+    ///
+    /// Runs on an unmounted volume (under its lock; earfs.conf must authenticate first),
+    /// or on a mounted one through its daemon (as root): the daemon reads FILE, switches
+    /// at once (new files take the new current version) and, if the KMS key changed,
+    /// uses the new key from then on, for the CMK recheck too. A new node joins with
+    /// `earfs init --join` instead.
+    ImportKeyring {
+        #[command(flatten)]
+        kms: KmsArgs,
+        /// The exported keyring (or another node's earfs.conf).
+        file: PathBuf,
+        /// Backing directory of this node's volume.
         backing: PathBuf,
     },
     /// Show how running earfs daemons are doing (over their root-only control sockets):
@@ -168,8 +207,8 @@ pub enum Command {
     /// The new key is made and wrapped by the volume's KMS key, bound to the keyring id,
     /// and earfs.conf is rewritten atomically under a MAC made with it. Runs on an
     /// unmounted volume, or on a mounted one through its daemon (as root), which
-    /// switches at once. Other nodes of a cluster need the new keyring
-    /// (`earfs export-keyring`).
+    /// switches at once. Other nodes of a cluster need the new keyring: `earfs
+    /// export-keyring` here, then `earfs import-keyring` on each of them.
     Rotate {
         /// Seconds that the KMS may take (see mount --kms-deadline).
         #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
@@ -284,6 +323,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             kms_deadline,
             backing,
         } => kms::export_keyring(&backing, output.as_deref(), kms_deadline),
+        Command::ImportKeyring { kms, file, backing } => {
+            import::import_keyring(&kms, &file, &backing)
+        }
         Command::Mount(args) => mount::run(args),
         Command::Umount { mountpoint } => umount(mountpoint),
         Command::Status {

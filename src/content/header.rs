@@ -34,7 +34,9 @@ pub enum HeaderError {
     UnsupportedVersion(u16),
     #[error("unknown header flags {0:#x}")]
     UnknownFlags(u16),
-    #[error("header names key version {0}, which the keyring does not hold")]
+    #[error(
+        "header names key version {0}, which this node's keyring does not hold (another node rotated: import the cluster's keyring with `earfs import-keyring`)"
+    )]
     UnknownKeyVersion(u32),
     #[error("header MAC does not verify (damaged header or foreign volume)")]
     BadMac,

@@ -5,9 +5,10 @@
 //! credentials are checked on every connection. The protocol is one request line
 //! (`status`; `upgrade`: make the volume write the newest format; `rotate`: a new
 //! current data key version; `rewrap [SPEC-JSON]`: wrap the data keys again, under
-//! the volume's key or the one SPEC names; `open-files`: the key versions of the
-//! files the daemon holds open; `retire N [MOVES]`: drop key version N once no file
-//! uses it) and one JSON reply.
+//! the volume's key or the one SPEC names; `import-keyring /ABSOLUTE/PATH`: merge a
+//! newer export of the volume's keyring, which the daemon reads; `open-files`: the key
+//! versions of the files the daemon holds open; `retire N [MOVES]`: drop key version N
+//! once no file uses it) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -110,6 +111,7 @@ fn answer(shared: &Shared, conn: UnixStream) {
                 Err(e) => serde_json::json!({ "error": e }).to_string(),
             }
         }
+        "import-keyring" => import_keyring(shared, arg),
         "open-files" => serde_json::to_string(&shared.open_key_use()).unwrap_or_default(),
         "retire" => retire(shared, line.trim()),
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
@@ -147,6 +149,26 @@ fn retire(shared: &Shared, line: &str) -> String {
         })
         .to_string(),
         Err(RetireError::Failed(e)) => serde_json::json!({ "error": e }).to_string(),
+    }
+}
+
+/// `import-keyring FILE`: merge the keyring in FILE (an absolute path) and switch to it.
+fn import_keyring(shared: &Shared, file: &str) -> String {
+    if !Path::new(file).is_absolute() {
+        return serde_json::json!({ "error": "import-keyring needs an absolute path" }).to_string();
+    }
+    match shared.import_keyring(Path::new(file)) {
+        Ok(Some(i)) => serde_json::json!({
+            "changed": true,
+            "from": i.from,
+            "to": i.to,
+            "added": i.added,
+            "dropped": i.dropped,
+            "kms_changed": i.kms_changed,
+        })
+        .to_string(),
+        Ok(None) => serde_json::json!({ "changed": false }).to_string(),
+        Err(f) => serde_json::json!({ "error": f.message, "exit_code": f.code }).to_string(),
     }
 }
 

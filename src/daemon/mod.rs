@@ -85,7 +85,7 @@ impl From<VolumeError> for Failure {
         let code = match &e {
             VolumeError::NotAVolume(_) | VolumeError::NoBackingDir(_) => exit::NOT_A_VOLUME,
             VolumeError::AlreadyAVolume(_) | VolumeError::NotEmpty(_) => exit::INIT_REFUSED,
-            VolumeError::BadConfig { .. } => exit::BAD_CONFIG,
+            VolumeError::BadConfig { .. } | VolumeError::ImportRefused { .. } => exit::BAD_CONFIG,
             VolumeError::NotRetirable { .. } => exit::USAGE,
             VolumeError::ConfigMac(_) => exit::CONFIG_TAMPERED,
             VolumeError::Kms(k) => kms_code(k),

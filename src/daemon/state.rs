@@ -416,6 +416,90 @@ impl Shared {
         r.map_err(|e| refused.take().unwrap_or(RetireError::Failed(e)))
     }
 
+    /// `earfs import-keyring FILE` through the control socket: merge a newer export of
+    /// the volume's keyring (read from `file`, an absolute path) and switch to it at once.
+    /// The caller (the CLI) has counted the files per key version from their headers
+    /// and refused an import that drops a version some file uses; the daemon refuses
+    /// to drop the version it writes new files under (a file may have been created
+    /// under it since that count). When the keys are now wrapped by another KMS key,
+    /// the daemon opens it (with its per-node `[kms]` overrides when the provider is
+    /// the same aws or gcp and they apply, else with the settings the import recorded) and uses
+    /// it from then on, for the CMK recheck too. Returns `None` if nothing changed.
+    pub fn import_keyring(
+        &self,
+        file: &std::path::Path,
+    ) -> Result<Option<crate::volume::Imported>, super::Failure> {
+        let source = crate::volume::JoinSource::read(file)?;
+        let mut k = lock(&self.kms);
+        let mut cfg = VolumeConfig::load(&self.backing)?;
+        let mut deks = cfg.unlock(&self.backing, k.provider.as_ref())?;
+        let ring = source.keyring();
+        let running = cfg.keyring.current;
+        if ring.id == cfg.keyring.id && !ring.keys.iter().any(|w| w.version == running) {
+            return Err(super::Failure::new(
+                super::exit::BAD_CONFIG,
+                format!(
+                    "{}: not imported: it lacks key version {running}, which this mount writes new files under; unmount the volume and import it then (the file count is exact only while nothing writes)",
+                    file.display()
+                ),
+            ));
+        }
+        let settings = self.settings();
+        let new_provider = if crate::volume::same_key(source.kms(), &cfg.kms) {
+            None
+        } else {
+            let spec = source.kms();
+            // The per-node overrides are for this provider's credentials; a local key
+            // file override names the old key, so it does not carry over.
+            let node = if spec.name() == cfg.kms.name()
+                && !matches!(spec, crate::kms::ProviderSpec::Local { .. })
+            {
+                spec.with_overrides(&settings.kms_overrides)
+                    .unwrap_or_else(|_| spec.clone())
+            } else {
+                spec.clone()
+            };
+            Some(node.open(settings.kms_retry)?)
+        };
+        let provider = new_provider.as_deref().unwrap_or(k.provider.as_ref());
+        let out = cfg.import(
+            &self.backing,
+            file,
+            &source,
+            source.kms().clone(),
+            provider,
+            &mut deks,
+            &std::collections::BTreeMap::new(),
+        )?;
+        let Some(imported) = out else {
+            return Ok(None);
+        };
+        self.install(&cfg, deks)
+            .map_err(|e| super::Failure::new(super::exit::FAILURE, e))?;
+        log::info!(
+            "import-keyring: volume {} imported keyring {} from {}: key versions {:?} (current {}, was {}), wrapped by {} ({})",
+            cfg.volume_id,
+            cfg.keyring.id,
+            file.display(),
+            cfg.keyring
+                .keys
+                .iter()
+                .map(|k| k.version)
+                .collect::<Vec<_>>(),
+            imported.to,
+            imported.from,
+            cfg.kms.name(),
+            cfg.kms.key_reference()
+        );
+        k.cfg = cfg;
+        if let Some(p) = new_provider {
+            k.provider = p;
+        }
+        drop(k);
+        self.record(true, "ok (import-keyring)".into(), false);
+        Ok(Some(imported))
+    }
+
     /// Change `earfs.conf` with `f` (which saves it) under the KMS lock, with the keys
     /// unwrapped through the KMS and the MAC checked first, then install the result:
     /// keys, current version and write format switch at once, as at a reload. `f` is

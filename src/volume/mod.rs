@@ -78,6 +78,8 @@ pub enum VolumeError {
     BadConfig { path: PathBuf, reason: String },
     #[error("{0}: the volume config does not authenticate (it was changed, or the key is wrong)")]
     ConfigMac(PathBuf),
+    #[error("{path}: not imported: {reason}")]
+    ImportRefused { path: PathBuf, reason: String },
     #[error("{0}")]
     Kms(#[from] KmsError),
     /// A key version that cannot be retired: the current one, or one the keyring lacks.
@@ -354,6 +356,157 @@ impl VolumeConfig {
         Ok(())
     }
 
+    /// Merge a newer export of this volume's keyring (`earfs import-keyring`): another
+    /// node rotated, retired a version or rewrapped the keys under another KMS key.
+    ///
+    /// Every key of `source` is unwrapped through `provider` (this node's access to the
+    /// source's KMS key) and the source is authenticated with its current key; a version
+    /// present on both sides must hold the same data key. `deks` are this volume's keys
+    /// from [`Self::unlock`]. `files_per_version` counts this volume's files by the key
+    /// version their header names: a version the source lacks may go only if no file
+    /// uses it. The current version never goes backwards. `spec` is what to record when
+    /// the source's KMS key differs from this volume's (when it is the same key this
+    /// volume's recorded settings stay). The volume id, format and the rest stay.
+    ///
+    /// On success earfs.conf is rewritten atomically, sealed with the source's current
+    /// key, and `deks` become the source's keys. Returns `None` when there was nothing
+    /// to import (nothing is written).
+    #[allow(clippy::too_many_arguments)]
+    pub fn import(
+        &mut self,
+        backing: &Path,
+        source_file: &Path,
+        source: &JoinSource,
+        spec: ProviderSpec,
+        provider: &dyn KeyProvider,
+        deks: &mut Vec<(u32, Dek)>,
+        files_per_version: &std::collections::BTreeMap<u32, u64>,
+    ) -> Result<Option<Imported>, VolumeError> {
+        let refuse = |reason: String| VolumeError::ImportRefused {
+            path: source_file.to_path_buf(),
+            reason,
+        };
+        self.check_import_id(source_file, source)?;
+        let ring = source.keyring();
+        let theirs = unwrap_all(ring, provider, source_file)?;
+        let current = current_of(&theirs, ring.current)
+            .ok_or_else(|| VolumeError::ConfigMac(source_file.to_path_buf()))?;
+        if !source.verify(current) {
+            return Err(VolumeError::ConfigMac(source_file.to_path_buf()));
+        }
+        for (v, ours) in deks.iter() {
+            if let Some(t) = current_of(&theirs, *v)
+                && t.expose() != ours.expose()
+            {
+                return Err(refuse(format!(
+                    "its key version {v} is another data key than this volume's version {v}: it is not the same keyring"
+                )));
+            }
+        }
+        let dropped = self.check_import_versions(source_file, source, files_per_version)?;
+        let spec = if same_key(source.kms(), &self.kms) {
+            self.kms.clone()
+        } else {
+            spec
+        };
+        let sorted = |r: &StoredKeyring| {
+            let mut r = r.clone();
+            r.keys.sort_by_key(|k| k.version);
+            r
+        };
+        if sorted(ring) == sorted(&self.keyring) && spec == self.kms {
+            return Ok(None);
+        }
+        let added: Vec<u32> = ring
+            .keys
+            .iter()
+            .map(|k| k.version)
+            .filter(|v| !self.keyring.keys.iter().any(|k| k.version == *v))
+            .collect();
+        let summary = Imported {
+            from: self.keyring.current,
+            to: ring.current,
+            added,
+            dropped,
+            kms_changed: !same_key(&spec, &self.kms),
+        };
+        let mut next = self.clone();
+        next.kms = spec;
+        next.keyring = ring.clone();
+        next.seal(current);
+        next.save(backing)?;
+        *self = next;
+        *deks = theirs;
+        Ok(Some(summary))
+    }
+
+    /// Refuse a keyring to import whose id is not this volume's (part of
+    /// [`Self::import`]; callers may run it early, before asking the KMS anything).
+    pub fn check_import_id(
+        &self,
+        source_file: &Path,
+        source: &JoinSource,
+    ) -> Result<(), VolumeError> {
+        let ring = source.keyring();
+        if ring.id != self.keyring.id {
+            return Err(VolumeError::ImportRefused {
+                path: source_file.to_path_buf(),
+                reason: format!(
+                    "it holds keyring {}, but this volume's keyring is {}; a volume imports only exports of its own keyring (a new node joins with `earfs init --join`)",
+                    ring.id, self.keyring.id
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The versions of this volume that a keyring to import lacks; refused if the
+    /// current version would go backwards or if `files_per_version` counts a file under
+    /// a version it lacks (part of [`Self::import`]; callers may run it early).
+    pub fn check_import_versions(
+        &self,
+        source_file: &Path,
+        source: &JoinSource,
+        files_per_version: &std::collections::BTreeMap<u32, u64>,
+    ) -> Result<Vec<u32>, VolumeError> {
+        let refuse = |reason: String| VolumeError::ImportRefused {
+            path: source_file.to_path_buf(),
+            reason,
+        };
+        let ring = source.keyring();
+        let has = |v: u32| ring.keys.iter().any(|k| k.version == v);
+        let mut dropped: Vec<u32> = self
+            .keyring
+            .keys
+            .iter()
+            .map(|k| k.version)
+            .filter(|v| !has(*v))
+            .collect();
+        dropped.sort_unstable();
+        if ring.current < self.keyring.current && !has(self.keyring.current) {
+            return Err(refuse(format!(
+                "its current key version is {}, older than this volume's current version {}, which it lacks: it is an older export; export the keyring again from the node that rotated last",
+                ring.current, self.keyring.current
+            )));
+        }
+        let used: Vec<String> = dropped
+            .iter()
+            .filter_map(|v| {
+                files_per_version
+                    .get(v)
+                    .filter(|n| **n > 0)
+                    .map(|n| format!("{n} file(s) still use key version {v}"))
+            })
+            .collect();
+        if !used.is_empty() {
+            return Err(refuse(format!(
+                "it lacks key version(s) {dropped:?} of this volume, and {}; those files would no longer read. Rewrite them under the current version first (`earfs keys` counts them), or import a keyring that keeps the version",
+                used.join(", ")
+            )));
+        }
+        Ok(dropped)
+    }
+
     /// The current wrapped key, decoded.
     pub fn current_wrapped(&self, backing: &Path) -> Result<Vec<u8>, VolumeError> {
         let bad = |reason: String| VolumeError::BadConfig {
@@ -397,6 +550,26 @@ impl VolumeConfig {
             .map_err(io(backing))?;
         Ok(())
     }
+}
+
+/// What [`VolumeConfig::import`] changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Imported {
+    /// The current key version before and after.
+    pub from: u32,
+    pub to: u32,
+    /// Versions this volume did not have.
+    pub added: Vec<u32>,
+    /// Versions this volume had and the import lacks (no file used them).
+    pub dropped: Vec<u32>,
+    /// Whether the keys are now wrapped by another KMS key.
+    pub kms_changed: bool,
+}
+
+/// Whether two specs name the same KMS key (provider and key reference; the per-node
+/// settings aside).
+pub fn same_key(a: &ProviderSpec, b: &ProviderSpec) -> bool {
+    a.name() == b.name() && a.key_reference() == b.key_reference()
 }
 
 /// Check that `backing` may become a new volume (missing, or an empty directory), before
@@ -521,7 +694,7 @@ impl KeyringExport {
     /// The file text.
     pub fn to_text(&self) -> String {
         format!(
-            "# earfs keyring export: wrapped data keys only, no plaintext key. Authenticated: do not edit.\n# Join a node with: earfs init --join THIS-FILE BACKING\n{}",
+            "# earfs keyring export: wrapped data keys only, no plaintext key. Authenticated: do not edit.\n# Existing nodes of the cluster: earfs import-keyring THIS-FILE BACKING\n# A new node: earfs init --join THIS-FILE BACKING\n{}",
             toml::to_string(self).unwrap_or_default()
         )
     }
@@ -960,5 +1133,217 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    /// Node 1 (`first`) and node 2 joined to its keyring, and a writer of exports of a
+    /// volume.
+    struct Cluster {
+        d: tempfile::TempDir,
+        prov: LocalProvider,
+        spec: ProviderSpec,
+        first: PathBuf,
+        second: PathBuf,
+    }
+
+    impl Cluster {
+        fn new(first_format: u32) -> Cluster {
+            let d = tempfile::tempdir().unwrap();
+            let (prov, spec) = local_key(d.path());
+            let first = d.path().join("first");
+            create(&first, spec.clone(), &prov, first_format).unwrap();
+            let second = d.path().join("second");
+            let src = JoinSource::read(&config_path(&first)).unwrap();
+            join(&second, &config_path(&first), &src, spec.clone(), &prov).unwrap();
+            Cluster {
+                d,
+                prov,
+                spec,
+                first,
+                second,
+            }
+        }
+        /// Rotate `b` `n` times.
+        fn rotate(&self, b: &Path, n: usize) {
+            let mut cfg = VolumeConfig::load(b).unwrap();
+            let mut deks = cfg.unlock(b, &self.prov).unwrap();
+            for _ in 0..n {
+                cfg.rotate(b, &self.prov, &mut deks).unwrap();
+            }
+        }
+        /// Export `cfg` (whose keys `prov` unwraps) to a file named `name`.
+        fn export_of(&self, cfg: &VolumeConfig, name: &str) -> PathBuf {
+            let deks = unwrap_all(&cfg.keyring, &self.prov, Path::new(name)).unwrap();
+            let current = current_of(&deks, cfg.keyring.current).unwrap();
+            let p = self.d.path().join(name);
+            fs::write(&p, KeyringExport::of(cfg, current).to_text()).unwrap();
+            p
+        }
+        fn export(&self, b: &Path, name: &str) -> PathBuf {
+            self.export_of(&VolumeConfig::load(b).unwrap(), name)
+        }
+        /// Import `file` into `b` with this cluster's key and `files` per version.
+        fn import(
+            &self,
+            b: &Path,
+            file: &Path,
+            files: &[(u32, u64)],
+        ) -> Result<Option<Imported>, VolumeError> {
+            let mut cfg = VolumeConfig::load(b).unwrap();
+            let mut deks = cfg.unlock(b, &self.prov).unwrap();
+            let src = JoinSource::read(file)?;
+            let files = files.iter().copied().collect();
+            let spec = src.kms().clone();
+            let out = cfg.import(b, file, &src, spec, &self.prov, &mut deks, &files)?;
+            if out.is_some() {
+                let back = VolumeConfig::load(b).unwrap();
+                assert_eq!(back, cfg);
+                let again = back.unlock(b, &self.prov).unwrap();
+                for ((v, a), (w, x)) in again.iter().zip(&deks) {
+                    assert_eq!((v, a.expose()), (w, x.expose()));
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn import_adds_versions_keeps_volume_id_and_format_and_a_second_import_does_nothing() {
+        let c = Cluster::new(1);
+        c.rotate(&c.first, 2);
+        let before = VolumeConfig::load(&c.second).unwrap();
+        assert_eq!(before.format, NEW_VOLUME_FORMAT);
+        let export = c.export(&c.first, "ring.toml");
+        let out = c.import(&c.second, &export, &[(1, 5)]).unwrap().unwrap();
+        assert_eq!(
+            out,
+            Imported {
+                from: 1,
+                to: 3,
+                added: vec![2, 3],
+                dropped: vec![],
+                kms_changed: false
+            }
+        );
+        let after = VolumeConfig::load(&c.second).unwrap();
+        let first = VolumeConfig::load(&c.first).unwrap();
+        assert_eq!(after.keyring, first.keyring);
+        assert_eq!(after.volume_id, before.volume_id);
+        assert_ne!(after.volume_id, first.volume_id);
+        assert_eq!((after.format, first.format), (NEW_VOLUME_FORMAT, 1));
+        assert_eq!(after.kms, before.kms);
+        // Both nodes hold the same data keys under each version now.
+        let (a, b) = (
+            after.unlock(&c.second, &c.prov).unwrap(),
+            first.unlock(&c.first, &c.prov).unwrap(),
+        );
+        assert_eq!(a.len(), 3);
+        for ((v, x), (w, y)) in a.iter().zip(&b) {
+            assert_eq!((v, x.expose()), (w, y.expose()));
+        }
+        // Again, by export or by node 1's earfs.conf: nothing to do, nothing written.
+        let text = fs::read(config_path(&c.second)).unwrap();
+        assert_eq!(c.import(&c.second, &export, &[]).unwrap(), None);
+        assert_eq!(
+            c.import(&c.second, &config_path(&c.first), &[]).unwrap(),
+            None
+        );
+        assert_eq!(fs::read(config_path(&c.second)).unwrap(), text);
+    }
+
+    #[test]
+    fn import_refuses_another_keyring_an_altered_file_and_other_data_keys() {
+        let c = Cluster::new(NEW_VOLUME_FORMAT);
+        let conf = config_path(&c.second);
+        let text = fs::read(&conf).unwrap();
+        // Another keyring.
+        let other = c.d.path().join("other");
+        create(&other, c.spec.clone(), &c.prov, NEW_VOLUME_FORMAT).unwrap();
+        let e = c
+            .import(&c.second, &c.export(&other, "other.toml"), &[])
+            .unwrap_err();
+        assert!(matches!(e, VolumeError::ImportRefused { .. }), "{e}");
+        assert!(e.to_string().contains("keyring"), "{e}");
+        // An altered export does not authenticate.
+        c.rotate(&c.first, 1);
+        let export = c.export(&c.first, "ring.toml");
+        let good = fs::read_to_string(&export).unwrap();
+        let from = VolumeConfig::load(&c.first).unwrap().volume_id;
+        fs::write(&export, good.replace(&from, "someone-else")).unwrap();
+        let e = c.import(&c.second, &export, &[]).unwrap_err();
+        assert!(matches!(e, VolumeError::ConfigMac(_)), "{e}");
+        assert_eq!(fs::read(&conf).unwrap(), text);
+        // Node 2 rotated on its own: its version 2 is another data key than node 1's.
+        c.rotate(&c.second, 1);
+        let text = fs::read(&conf).unwrap();
+        fs::write(&export, &good).unwrap();
+        let e = c.import(&c.second, &export, &[]).unwrap_err();
+        assert!(matches!(e, VolumeError::ImportRefused { .. }), "{e}");
+        assert!(e.to_string().contains("another data key"), "{e}");
+        assert_eq!(fs::read(&conf).unwrap(), text);
+        assert!(!c.second.join(CONFIG_TMP_NAME).exists());
+    }
+
+    #[test]
+    fn import_drops_a_version_only_if_no_file_uses_it_and_never_goes_back() {
+        let c = Cluster::new(NEW_VOLUME_FORMAT);
+        c.rotate(&c.first, 1);
+        let old = c.export(&c.first, "old.toml");
+        c.import(&c.second, &old, &[]).unwrap().unwrap();
+        c.rotate(&c.first, 1);
+        // Node 1 retires version 1 (as `earfs retire-key` will): an export without it.
+        let mut retired = VolumeConfig::load(&c.first).unwrap();
+        retired.keyring.keys.retain(|k| k.version != 1);
+        let retired = c.export_of(&retired, "retired.toml");
+        let conf = config_path(&c.second);
+        let text = fs::read(&conf).unwrap();
+        let e = c
+            .import(&c.second, &retired, &[(1, 3), (2, 1)])
+            .unwrap_err();
+        assert!(matches!(e, VolumeError::ImportRefused { .. }), "{e}");
+        assert!(
+            e.to_string().contains("3 file(s) still use key version 1"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&conf).unwrap(), text);
+        let out = c
+            .import(&c.second, &retired, &[(1, 0), (2, 4)])
+            .unwrap()
+            .unwrap();
+        assert_eq!((out.from, out.to), (2, 3));
+        assert_eq!((out.added, out.dropped), (vec![3], vec![1]));
+        // The older export (current 2, without 3) would move the current version back.
+        let text = fs::read(&conf).unwrap();
+        let e = c.import(&c.second, &old, &[]).unwrap_err();
+        assert!(matches!(e, VolumeError::ImportRefused { .. }), "{e}");
+        assert!(e.to_string().contains("older export"), "{e}");
+        assert_eq!(fs::read(&conf).unwrap(), text);
+    }
+
+    #[test]
+    fn import_takes_the_spec_of_another_kms_key() {
+        let c = Cluster::new(NEW_VOLUME_FORMAT);
+        // The same key under another name: as after a rewrap to another key, the
+        // import's key reference differs, so its spec is taken.
+        let moved = c.d.path().join("moved-key");
+        let ProviderSpec::Local { key_file } = &c.spec else {
+            unreachable!()
+        };
+        fs::copy(key_file, &moved).unwrap();
+        let mut cfg = VolumeConfig::load(&c.first).unwrap();
+        let deks = cfg.unlock(&c.first, &c.prov).unwrap();
+        cfg.kms = ProviderSpec::Local {
+            key_file: moved.clone(),
+        };
+        cfg.seal(current_of(&deks, 1).unwrap());
+        cfg.save(&c.first).unwrap();
+        let export = c.export(&c.first, "moved.toml");
+        let out = c.import(&c.second, &export, &[]).unwrap().unwrap();
+        assert!(out.kms_changed);
+        assert_eq!((out.from, out.to), (1, 1));
+        assert_eq!(
+            VolumeConfig::load(&c.second).unwrap().kms,
+            ProviderSpec::Local { key_file: moved }
+        );
+        assert_eq!(c.import(&c.second, &export, &[]).unwrap(), None);
     }
 }
