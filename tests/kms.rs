@@ -1249,3 +1249,386 @@ fn gcp_import_keyring_after_a_rotation_on_another_node() {
     let _m = mount_at(&node2, &mnt2);
     assert_eq!(fs::read(mnt2.join("wal.log")).unwrap(), b"version 2 record");
 }
+
+// ---------------------------------------------------------------- rewrap
+
+/// `earfs rewrap BACKING` with `flags` (a new key's, or none).
+fn rewrap(backing: &Path, flags: &[String]) -> (i32, String, String) {
+    let mut a = vec!["rewrap".to_string()];
+    a.extend(flags.iter().cloned());
+    a.push(s(backing).into());
+    earfs_out(&strs(&a))
+}
+
+/// Mount `backing` and check that every `(name, data)` reads back; the mount is gone
+/// when this returns.
+fn reads_back(backing: &Path, mnt: &Path, files: &[(&str, &[u8])]) {
+    let _m = mount_at(backing, mnt);
+    for (name, data) in files {
+        assert_eq!(&fs::read(mnt.join(name)).unwrap(), data, "{name}");
+    }
+}
+
+/// The keyring of a volume's earfs.conf: id, current version and versions.
+fn keyring_shape(backing: &Path) -> (String, i64, Vec<i64>) {
+    let c = conf_value(backing);
+    let r = &c["keyring"];
+    (
+        r["id"].as_str().unwrap().to_string(),
+        r["current"].as_integer().unwrap(),
+        r["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["version"].as_integer().unwrap())
+            .collect(),
+    )
+}
+
+#[test]
+fn rewrap_moves_a_volume_local_to_aws_to_gcp_to_local_and_files_keep_reading() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/rewrap");
+    let g = Gcp::new();
+    let b = aws.dir.p("vol");
+    let mnt = aws.dir.mnt("mnt");
+    let key1 = aws.dir.p("key1");
+    ok(&["init", "--kms", "local", "--key-file", s(&key1), s(&b)]);
+    {
+        let _m = mount_at(&b, &mnt);
+        fs::write(mnt.join("v1"), b"under version 1").unwrap();
+    }
+    ok(&["rotate", s(&b)]);
+    {
+        let _m = mount_at(&b, &mnt);
+        fs::write(mnt.join("v2"), b"under version 2").unwrap();
+    }
+    let files: [(&str, &[u8]); 2] = [("v1", b"under version 1"), ("v2", b"under version 2")];
+    let shape = keyring_shape(&b);
+    assert_eq!((shape.1, shape.2.clone()), (2, vec![1, 2]));
+    // local -> aws
+    let (c, out, err) = rewrap(&b, &aws.flags(&arn));
+    assert_eq!(c, 0, "{err}");
+    assert!(
+        out.contains("2 data key version(s) wrapped again under"),
+        "{out}"
+    );
+    assert!(err.contains("rewrapped key version 2 (2 of 2)"), "{err}");
+    assert_eq!(conf_value(&b)["kms"]["provider"].as_str(), Some("aws"));
+    assert_eq!(
+        conf_value(&b)["kms"]["key_arn"].as_str(),
+        Some(arn.as_str())
+    );
+    assert_eq!(keyring_shape(&b), shape);
+    // The local key is no longer needed.
+    fs::rename(&key1, aws.dir.p("key1.gone")).unwrap();
+    reads_back(&b, &mnt, &files);
+    // aws -> gcp, then the AWS key is disabled.
+    let (c, _, err) = rewrap(&b, &g.flags_with(&g.key, &g.sa));
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(
+        conf_value(&b)["kms"]["key_resource"].as_str(),
+        Some(g.key.as_str())
+    );
+    aws.state(&arn, "Disabled");
+    reads_back(&b, &mnt, &files);
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 0, "{v}");
+    // gcp -> local (a new key file, created), then the service account loses all.
+    let key2 = aws.dir.p("key2");
+    let (c, _, err) = rewrap(
+        &b,
+        &["--kms", "local", "--key-file", s(&key2)].map(String::from),
+    );
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("created key file"), "{err}");
+    g.permissions(&[]);
+    reads_back(&b, &mnt, &files);
+    assert_eq!(keyring_shape(&b), shape);
+    // Rewrapping under the same key again changes the wrappings, not the keys.
+    let before = conf_value(&b)["keyring"].clone();
+    let (c, out, err) = rewrap(&b, &[]);
+    assert_eq!(c, 0, "{err}");
+    assert!(!out.contains("no longer needs"), "{out}");
+    assert_ne!(conf_value(&b)["keyring"], before);
+    reads_back(&b, &mnt, &files);
+}
+
+#[test]
+fn gcp_rewrap_after_a_new_primary_version_lets_the_old_version_be_disabled() {
+    let g = Gcp::new();
+    let b = g.dir.p("vol");
+    let (c, _, err) = g.init(&g.key, &b);
+    assert_eq!(c, 0, "{err}");
+    let mnt = g.dir.mnt("mnt");
+    write_and_read_back(&b, &mnt, "wal", b"a log record");
+    let disable_v1 = |state: &str| {
+        g.fake.post(
+            "/__fake/crypto-keys/version-state",
+            json!({ "name": g.key, "version": 1, "state": state }),
+        );
+    };
+    g.fake
+        .post("/__fake/crypto-keys/rotate", json!({ "name": g.key }));
+    // Before a rewrap, the data keys are wrapped by version 1: disabling it stops a mount.
+    disable_v1("DISABLED");
+    let (c, _, err) = earfs_out(&["mount", s(&b), s(&mnt)]);
+    assert_ne!(c, 0, "{err}");
+    assert!(!is_mounted(&mnt));
+    disable_v1("ENABLED");
+    let (c, _, err) = rewrap(&b, &[]);
+    assert_eq!(c, 0, "{err}");
+    // Now they are wrapped by version 2, the primary: version 1 can go.
+    disable_v1("DISABLED");
+    reads_back(&b, &mnt, &[("wal", b"a log record")]);
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 0, "{v}");
+}
+
+#[test]
+fn aws_rewrap_within_a_key_and_to_another_key() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/first");
+    let (arn2, alias2) = aws_key(&aws.fake, "alias/second");
+    let b = aws.dir.p("vol");
+    let (c, _, err) = aws.init(&arn, &b);
+    assert_eq!(c, 0, "{err}");
+    let mnt = aws.dir.mnt("mnt");
+    write_and_read_back(&b, &mnt, "f", b"data");
+    let wrapped = conf_value(&b)["keyring"]["keys"][0]["wrapped"].clone();
+    // After a rotation of the key material in KMS: the same key, wrapped again.
+    let (c, _, err) = rewrap(&b, &[]);
+    assert_eq!(c, 0, "{err}");
+    assert_ne!(conf_value(&b)["keyring"]["keys"][0]["wrapped"], wrapped);
+    assert_eq!(
+        conf_value(&b)["kms"]["key_arn"].as_str(),
+        Some(arn.as_str())
+    );
+    // To another key, named by its alias: the key ARN is what is recorded.
+    let (c, out, err) = rewrap(&b, &aws.flags(&alias2));
+    assert_eq!(c, 0, "{err}");
+    assert!(out.contains(&format!("resolved to {arn2}")), "{out}");
+    assert_eq!(
+        conf_value(&b)["kms"]["key_arn"].as_str(),
+        Some(arn2.as_str())
+    );
+    aws.state(&arn, "PendingDeletion");
+    reads_back(&b, &mnt, &[("f", b"data")]);
+    // A disabled key is refused by the validation, before anything changes.
+    aws.state(&arn, "Enabled");
+    aws.state(&arn2, "Enabled");
+    let text = fs::read_to_string(b.join("earfs.conf")).unwrap();
+    aws.state(&arn, "Disabled");
+    let (c, _, err) = rewrap(&b, &aws.flags(&arn));
+    assert_eq!(c, 25, "{err}");
+    assert_eq!(fs::read_to_string(b.join("earfs.conf")).unwrap(), text);
+}
+
+#[test]
+fn rewrap_names_each_missing_permission_of_either_key() {
+    let aws = Aws::new(true);
+    let (arn, _) = aws_key(&aws.fake, "alias/perm");
+    let user = |name: &str, actions: &[&str]| {
+        let v = aws
+            .fake
+            .post("/__fake/users", json!({ "name": name, "actions": actions }));
+        let p = aws.dir.p(&format!("{name}-credentials"));
+        aws_credentials_file(
+            &p,
+            v["accessKeyId"].as_str().unwrap(),
+            v["secretAccessKey"].as_str().unwrap(),
+        );
+        p
+    };
+    let all = [
+        "kms:DescribeKey",
+        "kms:ListAliases",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:Decrypt",
+        "kms:Encrypt",
+    ];
+    let without = |name: &str, missing: &str| {
+        let actions: Vec<&str> = all.iter().copied().filter(|a| *a != missing).collect();
+        user(name, &actions)
+    };
+    let admin = user("admin", &all);
+    let g = Gcp::new();
+    let b = g.dir.p("vol");
+    let (c, _, err) = g.init(&g.key, &b);
+    assert_eq!(c, 0, "{err}");
+    let text = fs::read_to_string(b.join("earfs.conf")).unwrap();
+    let unchanged = || assert_eq!(fs::read_to_string(b.join("earfs.conf")).unwrap(), text);
+    // The old key (GCP): decrypt is what a rewrap needs of it.
+    let gcp_without = |missing: &str| {
+        let p: Vec<&str> = ALL_GCP.iter().copied().filter(|p| *p != missing).collect();
+        g.permissions(&p);
+    };
+    gcp_without("cloudkms.cryptoKeyVersions.useToDecrypt");
+    let (c, _, err) = rewrap(&b, &aws.flags_with(&arn, &admin));
+    assert_eq!(c, 24, "{err}");
+    assert!(
+        err.contains("cloudkms.cryptoKeyVersions.useToDecrypt") && err.contains(&g.key),
+        "{err}"
+    );
+    unchanged();
+    let mut a = vec!["--new-key".to_string()];
+    a.extend(aws.flags_with(&arn, &admin));
+    a.push(s(&b).into());
+    let (c, v) = check_json(&strs(&a));
+    assert_eq!(c, 29, "{v}");
+    assert_eq!(
+        failed_checks(&v),
+        ["cloudkms.cryptoKeyVersions.useToDecrypt"],
+        "{v}"
+    );
+    g.permissions(&ALL_GCP);
+    // The new key (AWS): each action it needs, named with the key.
+    for missing in ["kms:DescribeKey", "kms:Encrypt", "kms:Decrypt"] {
+        let creds = without(&format!("no-{}", &missing[4..]), missing);
+        let (c, _, err) = rewrap(&b, &aws.flags_with(&arn, &creds));
+        assert_eq!(c, 24, "{missing}: {err}");
+        assert!(
+            err.contains(&format!("grant {missing}")) && err.contains(&arn),
+            "{missing}: {err}"
+        );
+        unchanged();
+        let mut a = vec!["--new-key".to_string()];
+        a.extend(aws.flags_with(&arn, &creds));
+        a.push(s(&b).into());
+        let (c, v) = check_json(&strs(&a));
+        assert_eq!(c, 29, "{v}");
+        let failed: Vec<String> = v["new_key"]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["ok"] == false)
+            .map(|c| c["permission"].as_str().unwrap().to_string())
+            .collect();
+        assert!(failed.contains(&missing.to_string()), "{v}");
+    }
+    // With every permission: both sides pass, and the rewrap goes through.
+    let mut a = vec!["--new-key".to_string()];
+    a.extend(aws.flags_with(&arn, &admin));
+    a.push(s(&b).into());
+    let (c, v) = check_json(&strs(&a));
+    assert_eq!(c, 0, "{v}");
+    let (c, _, err) = rewrap(&b, &aws.flags_with(&arn, &admin));
+    assert_eq!(c, 0, "{err}");
+    // And back to GCP: encrypt and cryptoKeys.get on the new key are named.
+    let text = fs::read_to_string(b.join("earfs.conf")).unwrap();
+    for missing in [
+        "cloudkms.cryptoKeys.get",
+        "cloudkms.cryptoKeyVersions.useToEncrypt",
+    ] {
+        gcp_without(missing);
+        let (c, _, err) = rewrap(&b, &g.flags_with(&g.key, &g.sa));
+        assert_eq!(c, 24, "{missing}: {err}");
+        assert!(err.contains(missing) && err.contains(&g.key), "{err}");
+        assert_eq!(fs::read_to_string(b.join("earfs.conf")).unwrap(), text);
+    }
+}
+
+/// fio against `dir` with `args`, returning its exit status and output.
+fn fio(dir: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new("fio")
+        .arg(format!("--directory={}", dir.display()))
+        .args([
+            "--ioengine=psync",
+            "--bs=4k",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio (installed by scripts/deps-tier3.sh)")
+}
+
+fn fio_ok(child: std::process::Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rewrap_from_aws_to_gcp_under_a_database_workload_then_the_old_key_goes() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/load");
+    let g = Gcp::new();
+    let b = aws.dir.p("vol");
+    let (c, _, err) = aws.init(&arn, &b);
+    assert_eq!(c, 0, "{err}");
+    let mnt = aws.dir.mnt("mnt");
+    let log = aws.dir.p("daemon.log");
+    let (c, _, err) = earfs_out(&[
+        "mount",
+        "--recheck-interval",
+        "1s",
+        "--log-file",
+        s(&log),
+        s(&b),
+        s(&mnt),
+    ]);
+    assert_eq!(c, 0, "{err}");
+    let _m = MountGuard(mnt.clone());
+    // Data written before, verified after the restart.
+    let before = ["--name=before", "--rw=write", "--size=4m", "--fsync=16"];
+    fio_ok(fio(&mnt, &before));
+    // The workload: random writes, each verified a little later, fsync every 8.
+    let load = fio(
+        &mnt,
+        &[
+            "--name=load",
+            "--rw=randwrite",
+            "--direct=1",
+            "--size=8m",
+            "--numjobs=2",
+            "--fsync=8",
+            "--verify_backlog=32",
+            "--time_based",
+            "--runtime=8",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (c, out, err) = rewrap(&b, &g.flags_with(&g.key, &g.sa));
+    assert_eq!(c, 0, "{err}");
+    assert!(out.contains("through the running daemon"), "{out}");
+    // The old key goes at once; the daemon's periodic check uses the new one.
+    aws.state(&arn, "Disabled");
+    let disabled_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(wait_until(10, || {
+        let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt)])).unwrap();
+        st["last_cmk_check"]["at"].as_u64().unwrap_or(0) > disabled_at
+    }));
+    let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt)])).unwrap();
+    assert_eq!(st["key"].as_str(), Some(g.key.as_str()), "{st}");
+    assert_eq!(st["kms_provider"], "gcp", "{st}");
+    assert_eq!(st["last_cmk_check"]["ok"], true, "{st}");
+    assert_eq!(st["revocation"]["state"], "ok", "{st}");
+    fio_ok(load);
+    // No request failed (lookups of names fio creates and xattr probes aside).
+    let st: Value = serde_json::from_str(&ok(&["status", "--json", s(&mnt)])).unwrap();
+    for op in st["ops"].as_array().unwrap() {
+        if !["lookup", "getxattr"].contains(&op["op"].as_str().unwrap()) {
+            assert_eq!(op["errors"], 0, "{op}");
+        }
+    }
+    assert!(st["errors_by_errno"].get("EIO").is_none(), "{st}");
+    // A restart unwraps through Cloud KMS alone; what was written verifies.
+    drop(_m);
+    assert!(!is_mounted(&mnt));
+    let _m = mount_at(&b, &mnt);
+    let mut verify = before.to_vec();
+    verify.push("--verify_only");
+    fio_ok(fio(&mnt, &verify));
+    let (c, v) = check_json(&[s(&b)]);
+    assert_eq!(c, 0, "{v}");
+}
