@@ -40,6 +40,7 @@ fn rotate_killed_at_each_step_leaves_the_old_keyring_or_the_new_one() {
         args: &["rotate", "{backing}"],
         prepare: &|_, _, _| {},
         is_new: &is_new,
+        again_exit: 0,
     });
     assert!(r.kills > 7);
 }
@@ -59,6 +60,7 @@ fn upgrade_killed_at_each_step_leaves_format_1_or_format_2() {
         args: &["upgrade", "{backing}"],
         prepare: &|_, _, _| {},
         is_new: &is_new,
+        again_exit: 0,
     });
     assert!(r.kills > 7);
 }
