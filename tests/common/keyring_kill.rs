@@ -1,11 +1,12 @@
-//! Kill a keyring command (`earfs rotate`, `earfs upgrade`, …) with SIGKILL at each of
-//! its steps, without test hooks in the binary: strace's fault injection delivers
-//! SIGKILL on entering the Nth call of one system call (`-e inject=SYSCALL:signal=KILL:
-//! when=N`), for every system call that `earfs.conf`'s atomic save makes (open, write,
-//! fsync, rename) and every N until the command completes. After each kill the volume's
-//! `earfs.conf` must load and authenticate and hold exactly the old state or exactly the
-//! new one; the command run again must finish and leave the new state; the volume must
-//! mount and a file written before must read back.
+//! Kill a keyring command (`earfs rotate`, `upgrade`, `rewrap`, `import-keyring`,
+//! `retire-key`) with SIGKILL at each of its steps, without test hooks in the binary:
+//! strace's fault injection delivers SIGKILL on entering the Nth call of one system
+//! call (`-e inject=SYSCALL:signal=KILL:when=N`), for every system call that
+//! `earfs.conf`'s atomic save makes (open, write, fsync, rename) and every N until the
+//! command completes. After each kill the volume's `earfs.conf` must load and authenticate (with the key file it records) and hold
+//! exactly the old state or exactly the new one; the command run again must finish and
+//! leave the new state (from the new state it may also refuse, as the case says, and
+//! leave it as it is); the volume must mount and a file written before must read back.
 //!
 //! A command is plugged in with a [`KillCase`]: its arguments and a check of "the state
 //! the command leaves", see `tests/keyring_kill.rs`. For example:
@@ -16,12 +17,13 @@
 //!         name: "retire-key",
 //!         format: FileFormat::V2,
 //!         args: &["retire-key", "--version", "1", "{backing}"],
-//!         // Make version 2 current first, so that version 1 can go.
-//!         prepare: &|_, backing, _| {
-//!             assert!(common::run(&["rotate", backing.to_str().unwrap()]).status.success())
-//!         },
+//!         // Make version 2 current first and write the file written before again
+//!         // as a new file (under version 2), so that version 1 can go.
+//!         prepare: &|dir, backing, _| { /* earfs rotate; mount, rewrite the file */ },
 //!         // Exactly one complete run's change: version 1 gone, the rest unchanged.
 //!         is_new: &|before, after| { /* … */ },
+//!         // Run again, it finds no version 1 and refuses (exit 2), changing nothing.
+//!         again_exit: 2,
 //!     });
 //! }
 //! ```
@@ -30,7 +32,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use earfs::kms::LocalProvider;
+use earfs::kms::{LocalProvider, ProviderSpec};
 use earfs::volume::VolumeConfig;
 
 use super::{TestDir, earfs, init_local_in, mount_at};
@@ -64,6 +66,11 @@ pub struct KillCase<'a> {
     /// Whether `after` is the state the command leaves when run on `before`. It must
     /// be false for `after == before` and true for exactly what one complete run makes.
     pub is_new: &'a dyn Fn(&VolumeConfig, &VolumeConfig) -> bool,
+    /// The exit code of the command run again on the state it left: 0 when it then has
+    /// nothing to do or makes its change once more (`is_new(new, again)`), or the code
+    /// of its refusal, which must leave `earfs.conf` byte for byte as it was. From the
+    /// old state a run must always succeed.
+    pub again_exit: i32,
 }
 
 /// What one kill point left.
@@ -98,12 +105,15 @@ impl KillReport {
 const FILE: &str = "rows.db";
 const ROWS: &[u8] = b"rows written before the keyring changed\n";
 
-/// The volume's config, loaded and authenticated with the local key (panics if either
-/// fails).
-pub fn authenticated(backing: &Path, key: &Path) -> VolumeConfig {
+/// The volume's config, loaded and authenticated with the local key file it records
+/// (panics if either fails, or if its provider is not the local one).
+pub fn authenticated(backing: &Path) -> VolumeConfig {
     let cfg =
         VolumeConfig::load(backing).unwrap_or_else(|e| panic!("earfs.conf does not load: {e}"));
-    let prov = LocalProvider::open(key).expect("open the local key");
+    let ProviderSpec::Local { key_file } = &cfg.kms else {
+        panic!("earfs.conf records {}, not a local key", cfg.kms.name());
+    };
+    let prov = LocalProvider::open(key_file).expect("open the local key");
     cfg.unlock(backing, &prov)
         .unwrap_or_else(|e| panic!("earfs.conf does not authenticate: {e}"));
     cfg
@@ -172,7 +182,7 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
         std::fs::write(mnt.join(FILE), ROWS).unwrap();
     }
     (case.prepare)(&dir, &template, &key);
-    let before = authenticated(&template, &key);
+    let before = authenticated(&template);
     let before_bytes = std::fs::read(template.join("earfs.conf")).unwrap();
 
     // One complete run leaves the new state.
@@ -182,7 +192,7 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}: {}", case.name, show(&out));
-    let after = authenticated(&work, &key);
+    let after = authenticated(&work);
     assert!(
         (case.is_new)(&before, &after),
         "{}: a complete run does not leave the new state",
@@ -192,6 +202,13 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
         !(case.is_new)(&before, &before),
         "{}: is_new accepts the old state",
         case.name
+    );
+    run_again_on_new(
+        case,
+        &dir,
+        &work,
+        &after,
+        &format!("{}, complete", case.name),
     );
 
     let mut report = KillReport::default();
@@ -227,7 +244,7 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
             }
             let at = format!("{} killed at {syscall} #{n}", case.name);
             // The config loads, authenticates, and is the old or the new one, whole.
-            let mid = authenticated(&work, &key);
+            let mid = authenticated(&work);
             let mid_bytes = std::fs::read(work.join("earfs.conf")).unwrap();
             let outcome = if mid_bytes == before_bytes {
                 assert_eq!(mid, before, "{at}");
@@ -240,26 +257,26 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
                 Outcome::New
             };
             outcomes.push(outcome);
-            // Run again: it finishes (or has nothing to do) and leaves the new state.
-            let out = Command::new(earfs())
-                .args(args(case, &dir, &work))
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{at}, then run again: {}", show(&out));
-            let fin = authenticated(&work, &key);
-            assert!(
-                !work.join(earfs::volume::CONFIG_TMP_NAME).exists(),
-                "{at}, then run again: the temporary config is left behind"
-            );
+            // Run again: it finishes (or has nothing to do, or refuses as the case
+            // says) and leaves the new state.
             match outcome {
-                Outcome::Old => assert!(
-                    (case.is_new)(&before, &fin),
-                    "{at} (old state), run again: not the new state"
-                ),
-                Outcome::New => assert!(
-                    fin == mid || (case.is_new)(&mid, &fin),
-                    "{at} (new state), run again: neither kept nor changed as a run would"
-                ),
+                Outcome::Old => {
+                    let out = Command::new(earfs())
+                        .args(args(case, &dir, &work))
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{at}, then run again: {}", show(&out));
+                    let fin = authenticated(&work);
+                    assert!(
+                        !work.join(earfs::volume::CONFIG_TMP_NAME).exists(),
+                        "{at}, then run again: the temporary config is left behind"
+                    );
+                    assert!(
+                        (case.is_new)(&before, &fin),
+                        "{at} (old state), run again: not the new state"
+                    );
+                }
+                Outcome::New => run_again_on_new(case, &dir, &work, &mid, &at),
             }
             mounts_and_reads(&work, &mnt, &at);
         }
@@ -283,6 +300,40 @@ pub fn kill_at_every_step(case: &KillCase<'_>) -> KillReport {
     );
     check_report(case.name, &report);
     report
+}
+
+/// Run `case`'s command again on `work`, whose config `new` is the state the command
+/// leaves: it exits with `case.again_exit` and keeps `new` (byte for byte when it
+/// refuses) or changes it as one more run would.
+fn run_again_on_new(case: &KillCase<'_>, dir: &Path, work: &Path, new: &VolumeConfig, at: &str) {
+    let new_bytes = std::fs::read(work.join("earfs.conf")).unwrap();
+    let out = Command::new(earfs())
+        .args(args(case, dir, work))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(case.again_exit),
+        "{at} (new state), then run again: {}",
+        show(&out)
+    );
+    let fin = authenticated(work);
+    assert!(
+        !work.join(earfs::volume::CONFIG_TMP_NAME).exists(),
+        "{at} (new state), then run again: the temporary config is left behind"
+    );
+    if case.again_exit == 0 {
+        assert!(
+            fin == *new || (case.is_new)(new, &fin),
+            "{at} (new state), run again: neither kept nor changed as a run would"
+        );
+    } else {
+        assert_eq!(
+            std::fs::read(work.join("earfs.conf")).unwrap(),
+            new_bytes,
+            "{at} (new state), run again and refused: earfs.conf changed"
+        );
+    }
 }
 
 /// The injection did its work: kills before the rename left the old state, and after
