@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::KmsArgs;
-use super::kms::{node_spec, open_validated, retry};
+use super::kms::{node_flags, node_spec, open_validated, retry};
 use crate::crypto::Dek;
 use crate::daemon::control::{request, request_reply, request_status, sockets};
 use crate::daemon::{self, Failure, exit};
@@ -160,11 +160,6 @@ pub(super) fn rewrap(args: &KmsArgs, backing: &Path) -> Result<(), Failure> {
         }
     };
     let versions = cfg.keyring.keys.len();
-    let has_node_flags = args.credentials.is_some()
-        || args.key_file.is_some()
-        || args.profile.is_some()
-        || args.region.is_some()
-        || args.endpoint_url.is_some();
     let request_line = match &new_spec {
         Some(spec) => format!(
             "rewrap {}",
@@ -194,10 +189,14 @@ pub(super) fn rewrap(args: &KmsArgs, backing: &Path) -> Result<(), Failure> {
             eprintln!("rewrapped key version {v} ({done} of {versions})");
         })
     };
-    if daemon::try_lock_volume(&backing)?.is_none() && new_spec.is_none() && has_node_flags {
+    let flags = node_flags(args);
+    if daemon::try_lock_volume(&backing)?.is_none() && new_spec.is_none() && !flags.is_empty() {
         return Err(Failure::new(
             exit::USAGE,
-            "the volume is mounted: its daemon rewraps with its own KMS settings; leave out --credentials, --key-file, --profile, --region and --endpoint-url (or unmount it)",
+            format!(
+                "the volume is mounted: its daemon rewraps with its own KMS settings; leave out {} (or unmount it)",
+                flags.join(", ")
+            ),
         ));
     }
     let (keys, to, how) = match change_with(&backing, &request_line, timeout, open_old, offline)? {

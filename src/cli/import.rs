@@ -11,39 +11,11 @@ use std::time::Duration;
 use super::KmsArgs;
 use super::change::{canonical, daemon_of};
 use super::files::count_files;
-use super::kms::{node_spec, retry};
+use super::kms::{node_flags, node_overrides, node_spec, retry};
 use crate::daemon::control::request_reply;
 use crate::daemon::{self, Failure, exit};
-use crate::kms::{KmsOverrides, ProviderSpec};
+use crate::kms::ProviderSpec;
 use crate::volume::{self, Imported, JoinSource, VolumeConfig};
-
-/// The per-node flags as overrides of a recorded spec (as `node_spec` applies them).
-fn overrides(args: &KmsArgs) -> KmsOverrides {
-    KmsOverrides {
-        credentials_file: args
-            .credentials
-            .as_deref()
-            .or(args.key_file.as_deref())
-            .map(daemon::absolute),
-        profile: args.profile.clone(),
-        region: args.region.clone(),
-        endpoint_url: args.endpoint_url.clone(),
-    }
-}
-
-/// The per-node flags given, by name.
-fn node_flags(args: &KmsArgs) -> Vec<&'static str> {
-    [
-        (args.credentials.is_some(), "--credentials"),
-        (args.key_file.is_some(), "--key-file"),
-        (args.profile.is_some(), "--profile"),
-        (args.region.is_some(), "--region"),
-        (args.endpoint_url.is_some(), "--endpoint-url"),
-    ]
-    .into_iter()
-    .filter_map(|(set, name)| set.then_some(name))
-    .collect()
-}
 
 /// `earfs import-keyring FILE BACKING`.
 pub(super) fn import_keyring(args: &KmsArgs, file: &Path, backing: &Path) -> Result<(), Failure> {
@@ -151,7 +123,7 @@ fn offline(
     } else if cfg.kms.name() == source.kms().name()
         && !matches!(cfg.kms, ProviderSpec::Local { .. })
     {
-        cfg.kms.with_overrides(&overrides(args))?
+        cfg.kms.with_overrides(&node_overrides(args))?
     } else {
         cfg.kms.clone()
     };

@@ -183,9 +183,13 @@ pub(super) fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<Provide
     {
         return Err(mismatch(flag, k));
     }
-    // The same overrides as a daemon config's [kms] table (the local provider's
-    // "credentials" is its key file).
-    let overrides = KmsOverrides {
+    Ok(source.with_overrides(&node_overrides(args))?)
+}
+
+/// The per-node flags as overrides of a recorded spec: the same as a daemon config's
+/// [kms] table (the local provider's "credentials" is its key file).
+pub(super) fn node_overrides(args: &KmsArgs) -> KmsOverrides {
+    KmsOverrides {
         credentials_file: args
             .credentials
             .as_deref()
@@ -194,8 +198,21 @@ pub(super) fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<Provide
         profile: args.profile.clone(),
         region: args.region.clone(),
         endpoint_url: args.endpoint_url.clone(),
-    };
-    Ok(source.with_overrides(&overrides)?)
+    }
+}
+
+/// The per-node flags given, by name.
+pub(super) fn node_flags(args: &KmsArgs) -> Vec<&'static str> {
+    [
+        (args.credentials.is_some(), "--credentials"),
+        (args.key_file.is_some(), "--key-file"),
+        (args.profile.is_some(), "--profile"),
+        (args.region.is_some(), "--region"),
+        (args.endpoint_url.is_some(), "--endpoint-url"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect()
 }
 
 /// `earfs init --join FILE BACKING`.
