@@ -190,7 +190,7 @@ impl Shared {
         let settings = self.settings();
         // The key's state first, then an unwrap of every data key (which also proves
         // earfs.conf is unchanged).
-        let outcome: Result<Vec<(u32, crate::crypto::Dek)>, Option<KmsError>> = {
+        let outcome: Result<Keyring, Option<KmsError>> = {
             let k = lock(&self.kms);
             match k.provider.check_key() {
                 Err(e) => Err(Some(e)),
@@ -205,20 +205,15 @@ impl Shared {
             }
         };
         match outcome {
-            Ok(deks) => {
-                let current = lock(&self.kms).cfg.keyring.current;
+            Ok(keys) => {
                 let was = lock(&self.revocation).state;
                 if was == "locked" {
-                    match Keyring::new(deks, current) {
-                        Some(k) => {
-                            self.fs.set_keys(k);
-                            self.note_current(current);
-                            log::warn!(
-                                "CMK check: the key unwraps again; data keys restored, file I/O resumes"
-                            );
-                        }
-                        None => log::error!("CMK check: the current key version is missing"),
-                    }
+                    let current = keys.current_version();
+                    self.fs.set_keys(keys);
+                    self.note_current(current);
+                    log::warn!(
+                        "CMK check: the key unwraps again; data keys restored, file I/O resumes"
+                    );
                 } else if was == "warning" {
                     log::warn!("CMK check: the key is usable again");
                 }
@@ -512,7 +507,7 @@ impl Shared {
         f: impl FnOnce(
             &mut VolumeConfig,
             &dyn KeyProvider,
-            &mut Vec<(u32, crate::crypto::Dek)>,
+            &mut Keyring,
             &std::path::Path,
         ) -> Result<T, crate::volume::VolumeError>,
     ) -> Result<T, String> {
@@ -546,18 +541,13 @@ impl Shared {
 
     /// Install keys unwrapped from `cfg` and its write format, and clear a revocation
     /// (the KMS just unwrapped every key).
-    fn install(
-        &self,
-        cfg: &VolumeConfig,
-        deks: Vec<(u32, crate::crypto::Dek)>,
-    ) -> Result<(), String> {
+    fn install(&self, cfg: &VolumeConfig, keys: Keyring) -> Result<(), String> {
         let format = FileFormat::from_number(u64::from(cfg.format))
             .ok_or_else(|| format!("unknown volume format {}", cfg.format))?;
-        let keys = Keyring::new(deks, cfg.keyring.current)
-            .ok_or("the current key version is missing from the keyring")?;
+        let current = keys.current_version();
         self.fs.set_write_format(format);
         self.fs.set_keys(keys);
-        self.note_current(cfg.keyring.current);
+        self.note_current(current);
         *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.revocation) = Revocation {
             state: "ok",
@@ -621,11 +611,11 @@ impl Shared {
             .with_overrides(&settings.kms_overrides)
             .map_err(|e| e.to_string())?;
         let provider = spec.open(settings.kms_retry).map_err(|e| e.to_string())?;
-        let deks = cfg
+        let keys = cfg
             .unlock(&self.backing, provider.as_ref())
             .map_err(|e| e.to_string())?;
-        let versions: Vec<u32> = deks.iter().map(|(v, _)| *v).collect();
-        self.install(&cfg, deks)?;
+        let versions = keys.versions();
+        self.install(&cfg, keys)?;
         *lock(&self.kms) = Kms { cfg, provider };
         self.record(true, "ok (reloaded)".into(), false);
         self.wake();
