@@ -77,9 +77,6 @@ pub struct Shared {
     last_check: Mutex<Option<CheckRecord>>,
     last_success: Mutex<Option<u64>>,
     revocation: Mutex<Revocation>,
-    /// The current key version last installed and the unix time it became current
-    /// (the start, or the install that changed it). A lock does not change it.
-    current_since: Mutex<(u32, u64)>,
     /// Wakes the recheck thread early (reload, stop).
     wake: (Mutex<u64>, Condvar),
 }
@@ -124,12 +121,7 @@ pub struct Started {
 impl Shared {
     pub fn new(s: Started) -> Arc<Shared> {
         let started = SystemTime::now();
-        let since = started
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         Arc::new(Shared {
-            current_since: Mutex::new((s.cfg.keyring.current, since)),
             fs: s.fs,
             cache: s.cache,
             backing: s.backing,
@@ -208,9 +200,7 @@ impl Shared {
             Ok(keys) => {
                 let was = lock(&self.revocation).state;
                 if was == "locked" {
-                    let current = keys.current_version();
                     self.fs.set_keys(keys);
-                    self.note_current(current);
                     log::warn!(
                         "CMK check: the key unwraps again; data keys restored, file I/O resumes"
                     );
@@ -544,10 +534,8 @@ impl Shared {
     fn install(&self, cfg: &VolumeConfig, keys: Keyring) -> Result<(), String> {
         let format = FileFormat::from_number(u64::from(cfg.format))
             .ok_or_else(|| format!("unknown volume format {}", cfg.format))?;
-        let current = keys.current_version();
         self.fs.set_write_format(format);
         self.fs.set_keys(keys);
-        self.note_current(current);
         *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.revocation) = Revocation {
             state: "ok",
@@ -555,14 +543,6 @@ impl Shared {
         };
         *lock(&self.last_success) = Some(now_unix());
         Ok(())
-    }
-
-    /// Record that `version` is the current key version from now on, if it was not.
-    fn note_current(&self, version: u32) {
-        let mut c = lock(&self.current_since);
-        if c.0 != version {
-            *c = (version, now_unix());
-        }
     }
 
     /// SIGHUP: read the config file again (reloadable keys), then `earfs.conf`, unwrap
@@ -642,7 +622,13 @@ impl Shared {
             key,
             key_versions: versions,
             current_key_version: current,
-            current_key_version_since: current.map(|_| lock(&self.current_since).1),
+            current_key_version_since: current.map(|_| {
+                let since = self.fs.current_key_changed().unwrap_or(self.started);
+                since
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
             keys_locked: self.fs.keys_locked(),
             started: self
                 .started
