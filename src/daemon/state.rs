@@ -420,7 +420,7 @@ impl Shared {
         let mut deks = cfg.unlock(&self.backing, k.provider.as_ref())?;
         let ring = source.keyring();
         let running = cfg.keyring.current;
-        if ring.id == cfg.keyring.id && !ring.keys.iter().any(|w| w.version == running) {
+        if ring.id == cfg.keyring.id && !ring.has(running) {
             return Err(super::Failure::new(
                 super::exit::BAD_CONFIG,
                 format!(

@@ -56,6 +56,11 @@ impl StoredKeyring {
         check_keyring_versions(self.keys.iter().map(|k| k.version), self.current)
             .map_err(|e| e.to_string())
     }
+
+    /// Whether key `version` is in the keyring.
+    pub fn has(&self, version: u32) -> bool {
+        self.keys.iter().any(|k| k.version == version)
+    }
 }
 
 /// The contents of `earfs.conf`.
@@ -338,7 +343,7 @@ impl VolumeConfig {
                 "key version {version} is the current one; make a new one current first (`earfs rotate`), then retire {version} once no file uses it"
             )));
         }
-        if !self.keyring.keys.iter().any(|k| k.version == version) {
+        if !self.keyring.has(version) {
             let mut have: Vec<u32> = self.keyring.keys.iter().map(|k| k.version).collect();
             have.sort_unstable();
             return Err(refuse(format!(
@@ -444,7 +449,7 @@ impl VolumeConfig {
             .keys
             .iter()
             .map(|k| k.version)
-            .filter(|v| !self.keyring.keys.iter().any(|k| k.version == *v))
+            .filter(|v| !self.keyring.has(*v))
             .collect();
         let summary = Imported {
             from: self.keyring.current,
@@ -497,16 +502,15 @@ impl VolumeConfig {
             reason,
         };
         let ring = source.keyring();
-        let has = |v: u32| ring.keys.iter().any(|k| k.version == v);
         let mut dropped: Vec<u32> = self
             .keyring
             .keys
             .iter()
             .map(|k| k.version)
-            .filter(|v| !has(*v))
+            .filter(|v| !ring.has(*v))
             .collect();
         dropped.sort_unstable();
-        if ring.current < self.keyring.current && !has(self.keyring.current) {
+        if ring.current < self.keyring.current && !ring.has(self.keyring.current) {
             return Err(refuse(format!(
                 "its current key version is {}, older than this volume's current version {}, which it lacks: it is an older export; export the keyring again from the node that rotated last",
                 ring.current, self.keyring.current
