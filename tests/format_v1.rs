@@ -70,7 +70,7 @@ fn known_answer_with_independent_code() {
     use xts_mode::{Xts128, get_tweak_default};
     let (_tmp, backing, prov, cfg) = fixture_copy(&fixture_dir());
     let deks = cfg.unlock(&backing, &prov).unwrap();
-    let dek = deks[0].1.expose().to_vec();
+    let dek = deks.dek(1).unwrap().expose().to_vec();
     let raw = std::fs::read(backing.join("size-8191")).unwrap();
     assert_eq!(&raw[0..8], b"EARFSHDR");
     assert_eq!(u16::from_le_bytes([raw[8], raw[9]]), 1);

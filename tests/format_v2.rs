@@ -171,7 +171,7 @@ fn independent_decode(raw: &[u8], dek: &[u8], kv: u32) -> Vec<u8> {
 fn dek_of(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> Vec<u8> {
     let deks = cfg.unlock(backing, prov).unwrap();
     assert_eq!(deks.len(), 1);
-    deks[0].1.expose().to_vec()
+    deks.current().1.expose().to_vec()
 }
 
 #[test]

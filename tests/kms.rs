@@ -1073,12 +1073,12 @@ fn import_keyring_brings_a_rotation_to_the_other_nodes_mounted_or_not() {
 /// An export of `backing`'s keyring without key version `drop` (as node 1 writes once
 /// it has retired that version), made with the library.
 fn export_without(backing: &Path, drop: u32, key: &Path, out: &Path) {
-    use earfs::volume::{KeyringExport, VolumeConfig, current_of};
+    use earfs::volume::{KeyringExport, VolumeConfig};
     let mut cfg = VolumeConfig::load(backing).unwrap();
     let prov = earfs::kms::LocalProvider::open(key).unwrap();
     let deks = cfg.unlock(backing, &prov).unwrap();
     cfg.keyring.keys.retain(|k| k.version != drop);
-    let current = current_of(&deks, cfg.keyring.current).unwrap();
+    let (_, current) = deks.current();
     fs::write(out, KeyringExport::of(&cfg, current).to_text()).unwrap();
 }
 
@@ -1169,14 +1169,14 @@ fn import_keyring_moves_a_mounted_node_to_another_key_and_its_daemon_uses_it() {
     fs::set_permissions(&moved, fs::Permissions::from_mode(0o600)).unwrap();
     let export = d.p("moved.toml");
     {
-        use earfs::volume::{KeyringExport, VolumeConfig, current_of};
+        use earfs::volume::{KeyringExport, VolumeConfig};
         let mut cfg = VolumeConfig::load(&n1).unwrap();
         let prov = earfs::kms::LocalProvider::open(&key).unwrap();
         let deks = cfg.unlock(&n1, &prov).unwrap();
         cfg.kms = earfs::kms::ProviderSpec::Local {
             key_file: moved.clone(),
         };
-        let current = current_of(&deks, 1).unwrap();
+        let current = deks.dek(1).unwrap();
         fs::write(&export, KeyringExport::of(&cfg, current).to_text()).unwrap();
     }
     // Unmounted, with this node's own key file for the new key: recorded with it.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::KmsArgs;
 use super::kms::{node_flags, node_spec, open_validated, retry};
-use crate::crypto::Dek;
+use crate::crypto::Keyring;
 use crate::daemon::control::{request, request_reply, request_status, sockets};
 use crate::daemon::{self, Failure, exit};
 use crate::kms::KeyProvider;
@@ -81,11 +81,7 @@ fn change_with<T>(
     request_line: &str,
     timeout: Duration,
     open: impl FnOnce(&VolumeConfig) -> Result<Box<dyn KeyProvider>, Failure>,
-    offline: impl FnOnce(
-        &mut VolumeConfig,
-        &dyn KeyProvider,
-        &mut Vec<(u32, Dek)>,
-    ) -> Result<T, VolumeError>,
+    offline: impl FnOnce(&mut VolumeConfig, &dyn KeyProvider, &mut Keyring) -> Result<T, VolumeError>,
 ) -> Result<Done<T>, Failure> {
     match daemon::try_lock_volume(backing)? {
         Some(_lock) => {
@@ -121,7 +117,7 @@ fn change(
     offline: impl FnOnce(
         &mut VolumeConfig,
         &dyn KeyProvider,
-        &mut Vec<(u32, Dek)>,
+        &mut Keyring,
     ) -> Result<(u32, u32), VolumeError>,
 ) -> Result<(u64, u64, &'static str), Failure> {
     let retry = retry(deadline)?;
@@ -179,7 +175,7 @@ pub(super) fn rewrap(args: &KmsArgs, backing: &Path) -> Result<(), Failure> {
     };
     let offline = |cfg: &mut VolumeConfig,
                    old: &dyn KeyProvider,
-                   deks: &mut Vec<(u32, Dek)>|
+                   deks: &mut Keyring|
      -> Result<usize, VolumeError> {
         let to = new_spec.clone().unwrap_or_else(|| cfg.kms.clone());
         let new = new_provider.as_deref().unwrap_or(old);

@@ -87,11 +87,7 @@ fn files_of_dropped(
     source: &JoinSource,
 ) -> Result<BTreeMap<u32, u64>, Failure> {
     let ring = source.keyring();
-    let drops = cfg
-        .keyring
-        .keys
-        .iter()
-        .any(|k| !ring.keys.iter().any(|w| w.version == k.version));
+    let drops = cfg.keyring.keys.iter().any(|k| !ring.has(k.version));
     if !drops {
         return Ok(BTreeMap::new());
     }

@@ -435,10 +435,8 @@ pub(super) fn export_keyring(
     daemon::protect_key_material();
     let cfg = VolumeConfig::load(backing)?;
     let provider = cfg.kms.open(retry(deadline)?)?;
-    let deks = cfg.unlock(backing, provider.as_ref())?;
-    let current = volume::current_of(&deks, cfg.keyring.current)
-        .ok_or_else(|| Failure::new(exit::BAD_CONFIG, "current key version missing"))?;
-    let text = KeyringExport::of(&cfg, current).to_text();
+    let keys = cfg.unlock(backing, provider.as_ref())?;
+    let text = KeyringExport::of(&cfg, keys.current().1).to_text();
     match output {
         None => {
             print!("{text}");

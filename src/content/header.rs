@@ -12,10 +12,9 @@
 
 use std::sync::Arc;
 
-use crate::crypto::{self, Nonce, derive_file_key, hmac_sha256, verify_hmac_sha256};
+use crate::crypto::{self, Keyring, Nonce, derive_file_key, hmac_sha256, verify_hmac_sha256};
 
 use super::codec::FileCipher;
-use super::keyring::Keyring;
 use super::layout::{FileFormat, HEADER_LEN};
 
 /// Header magic.

@@ -3,15 +3,14 @@
 
 mod codec;
 mod header;
-mod keyring;
 mod layout;
 
+pub use crate::crypto::Keyring;
 pub use codec::{FileCipher, MIN_HOLE_LEN, is_hole};
 pub use header::{
     HeaderError, MAGIC, decode_header, encode_header, header_format, header_names,
     header_never_written, new_header, reformat_header,
 };
-pub use keyring::Keyring;
 pub use layout::{
     BLOCK, FileFormat, HEADER_LEN, SECTOR, SectorNo, SectorSpan, backing_size_to_plain_size, pad16,
     plain_off_to_sector, plain_size_to_backing_size, sector_len, size_is_format_independent,

@@ -3,10 +3,12 @@
 //! Pure code: no I/O, no file descriptors. Key bytes live only in zeroize-on-drop
 //! types whose `Debug` output is redacted.
 
+mod keyring;
 mod keys;
 pub mod speed;
 pub mod xts;
 
+pub use keyring::{Keyring, KeyringError, check_keyring_versions};
 pub use keys::{
     DEK_LEN, Dek, MacKey, Nonce, XtsKey, derive_config_mac_key, derive_file_key,
     derive_header_mac_key, hmac_sha256, random_bytes, verify_hmac_sha256, wipe_stack,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
-use crate::content::{FileFormat, Keyring};
+use crate::content::FileFormat;
 use crate::fs::EarFs;
 use crate::fuse::{AdapterOptions, EarFuse, MountConfig};
 use crate::kms::{KmsError, KmsOverrides, Retry};
@@ -557,13 +557,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     log::info!("{what}");
     notify::status(&what);
     let provider = spec.open(req.kms_retry)?;
-    let deks = cfg.unlock(&backing, provider.as_ref())?;
-    let keys = Keyring::new(deks, cfg.keyring.current).ok_or_else(|| {
-        Failure::new(
-            exit::BAD_CONFIG,
-            "current key version missing from the keyring",
-        )
-    })?;
+    let keys = cfg.unlock(&backing, provider.as_ref())?;
     let format = FileFormat::from_number(u64::from(cfg.format)).ok_or_else(|| {
         Failure::new(
             exit::BAD_CONFIG,

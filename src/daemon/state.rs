@@ -77,9 +77,6 @@ pub struct Shared {
     last_check: Mutex<Option<CheckRecord>>,
     last_success: Mutex<Option<u64>>,
     revocation: Mutex<Revocation>,
-    /// The current key version last installed and the unix time it became current
-    /// (the start, or the install that changed it). A lock does not change it.
-    current_since: Mutex<(u32, u64)>,
     /// Wakes the recheck thread early (reload, stop).
     wake: (Mutex<u64>, Condvar),
 }
@@ -124,12 +121,7 @@ pub struct Started {
 impl Shared {
     pub fn new(s: Started) -> Arc<Shared> {
         let started = SystemTime::now();
-        let since = started
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         Arc::new(Shared {
-            current_since: Mutex::new((s.cfg.keyring.current, since)),
             fs: s.fs,
             cache: s.cache,
             backing: s.backing,
@@ -190,7 +182,7 @@ impl Shared {
         let settings = self.settings();
         // The key's state first, then an unwrap of every data key (which also proves
         // earfs.conf is unchanged).
-        let outcome: Result<Vec<(u32, crate::crypto::Dek)>, Option<KmsError>> = {
+        let outcome: Result<Keyring, Option<KmsError>> = {
             let k = lock(&self.kms);
             match k.provider.check_key() {
                 Err(e) => Err(Some(e)),
@@ -205,20 +197,13 @@ impl Shared {
             }
         };
         match outcome {
-            Ok(deks) => {
-                let current = lock(&self.kms).cfg.keyring.current;
+            Ok(keys) => {
                 let was = lock(&self.revocation).state;
                 if was == "locked" {
-                    match Keyring::new(deks, current) {
-                        Some(k) => {
-                            self.fs.set_keys(k);
-                            self.note_current(current);
-                            log::warn!(
-                                "CMK check: the key unwraps again; data keys restored, file I/O resumes"
-                            );
-                        }
-                        None => log::error!("CMK check: the current key version is missing"),
-                    }
+                    self.fs.set_keys(keys);
+                    log::warn!(
+                        "CMK check: the key unwraps again; data keys restored, file I/O resumes"
+                    );
                 } else if was == "warning" {
                     log::warn!("CMK check: the key is usable again");
                 }
@@ -435,7 +420,7 @@ impl Shared {
         let mut deks = cfg.unlock(&self.backing, k.provider.as_ref())?;
         let ring = source.keyring();
         let running = cfg.keyring.current;
-        if ring.id == cfg.keyring.id && !ring.keys.iter().any(|w| w.version == running) {
+        if ring.id == cfg.keyring.id && !ring.has(running) {
             return Err(super::Failure::new(
                 super::exit::BAD_CONFIG,
                 format!(
@@ -512,7 +497,7 @@ impl Shared {
         f: impl FnOnce(
             &mut VolumeConfig,
             &dyn KeyProvider,
-            &mut Vec<(u32, crate::crypto::Dek)>,
+            &mut Keyring,
             &std::path::Path,
         ) -> Result<T, crate::volume::VolumeError>,
     ) -> Result<T, String> {
@@ -546,18 +531,11 @@ impl Shared {
 
     /// Install keys unwrapped from `cfg` and its write format, and clear a revocation
     /// (the KMS just unwrapped every key).
-    fn install(
-        &self,
-        cfg: &VolumeConfig,
-        deks: Vec<(u32, crate::crypto::Dek)>,
-    ) -> Result<(), String> {
+    fn install(&self, cfg: &VolumeConfig, keys: Keyring) -> Result<(), String> {
         let format = FileFormat::from_number(u64::from(cfg.format))
             .ok_or_else(|| format!("unknown volume format {}", cfg.format))?;
-        let keys = Keyring::new(deks, cfg.keyring.current)
-            .ok_or("the current key version is missing from the keyring")?;
         self.fs.set_write_format(format);
         self.fs.set_keys(keys);
-        self.note_current(cfg.keyring.current);
         *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
         *lock(&self.revocation) = Revocation {
             state: "ok",
@@ -565,14 +543,6 @@ impl Shared {
         };
         *lock(&self.last_success) = Some(now_unix());
         Ok(())
-    }
-
-    /// Record that `version` is the current key version from now on, if it was not.
-    fn note_current(&self, version: u32) {
-        let mut c = lock(&self.current_since);
-        if c.0 != version {
-            *c = (version, now_unix());
-        }
     }
 
     /// SIGHUP: read the config file again (reloadable keys), then `earfs.conf`, unwrap
@@ -621,11 +591,11 @@ impl Shared {
             .with_overrides(&settings.kms_overrides)
             .map_err(|e| e.to_string())?;
         let provider = spec.open(settings.kms_retry).map_err(|e| e.to_string())?;
-        let deks = cfg
+        let keys = cfg
             .unlock(&self.backing, provider.as_ref())
             .map_err(|e| e.to_string())?;
-        let versions: Vec<u32> = deks.iter().map(|(v, _)| *v).collect();
-        self.install(&cfg, deks)?;
+        let versions = keys.versions();
+        self.install(&cfg, keys)?;
         *lock(&self.kms) = Kms { cfg, provider };
         self.record(true, "ok (reloaded)".into(), false);
         self.wake();
@@ -652,7 +622,13 @@ impl Shared {
             key,
             key_versions: versions,
             current_key_version: current,
-            current_key_version_since: current.map(|_| lock(&self.current_since).1),
+            current_key_version_since: current.map(|_| {
+                let since = self.fs.current_key_changed().unwrap_or(self.started);
+                since
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
             keys_locked: self.fs.keys_locked(),
             started: self
                 .started

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -78,17 +79,35 @@ impl Content {
 /// The volume's data keys: `None` while locked (CMK revoked), with an epoch bumped on
 /// every change. A file's cipher is valid only for the epoch it was loaded under, so
 /// the data path reads one atomic per operation and takes the lock only to load.
+///
+/// The one place that holds the running volume's keyring, its epoch, and its current
+/// version with since when it is current.
 pub struct VolumeKeys {
     /// Taken only to load a file's cipher or to change the keys, never across I/O.
-    keys: RwLock<(Option<Arc<Keyring>>, u64)>,
+    keys: RwLock<Installed>,
     /// The current epoch, readable without the lock.
     epoch: AtomicU64,
+}
+
+/// What [`VolumeKeys`] holds under its lock.
+struct Installed {
+    keys: Option<Arc<Keyring>>,
+    epoch: u64,
+    /// The current version last installed (kept while locked).
+    current: u32,
+    /// When `current` became current, if by a later install than the first.
+    current_changed: Option<SystemTime>,
 }
 
 impl VolumeKeys {
     pub fn new(keys: Keyring) -> Self {
         VolumeKeys {
-            keys: RwLock::new((Some(Arc::new(keys)), 1)),
+            keys: RwLock::new(Installed {
+                current: keys.current_version(),
+                keys: Some(Arc::new(keys)),
+                epoch: 1,
+                current_changed: None,
+            }),
             epoch: AtomicU64::new(1),
         }
     }
@@ -100,24 +119,38 @@ impl VolumeKeys {
 
     /// The keys and their epoch; `None` while locked.
     fn snapshot(&self) -> (Option<Arc<Keyring>>, u64) {
-        self.keys.read().clone()
+        let k = self.keys.read();
+        (k.keys.clone(), k.epoch)
     }
 
-    /// Install new keys (`None`: lock) and bump the epoch.
+    /// Install new keys (`None`: lock) and bump the epoch. A lock keeps the current
+    /// version; keys with another current version note when it changed.
     pub fn set(&self, keys: Option<Keyring>) {
         let mut k = self.keys.write();
-        k.0 = keys.map(Arc::new);
-        k.1 += 1;
-        self.epoch.store(k.1, Ordering::SeqCst);
+        if let Some(new) = &keys
+            && new.current_version() != k.current
+        {
+            k.current = new.current_version();
+            k.current_changed = Some(SystemTime::now());
+        }
+        k.keys = keys.map(Arc::new);
+        k.epoch += 1;
+        self.epoch.store(k.epoch, Ordering::SeqCst);
     }
 
     /// The key versions held and the current one (None while locked).
     pub fn versions(&self) -> Option<(Vec<u32>, u32)> {
         self.keys
             .read()
-            .0
+            .keys
             .as_ref()
             .map(|k| (k.versions(), k.current_version()))
+    }
+
+    /// When the current version became current, if an install after the first changed
+    /// it (`None`: it is the version the keys were created with).
+    pub fn current_changed(&self) -> Option<SystemTime> {
+        self.keys.read().current_changed
     }
 }
 

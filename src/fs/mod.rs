@@ -376,6 +376,12 @@ impl EarFs {
         self.keys.versions()
     }
 
+    /// When the current key version became current, if a key install after the start
+    /// changed it (`None`: the version the fs was created with). A lock keeps it.
+    pub fn current_key_changed(&self) -> Option<SystemTime> {
+        self.keys.current_changed()
+    }
+
     fn backing_path(&self, inode: &Inode) -> PathBuf {
         std::fs::read_link(proc_path(&inode.fd))
             .unwrap_or_else(|_| self.backing.join(format!("<inode {}>", inode.key.1)))
@@ -1304,6 +1310,8 @@ mod tests {
         fs.set_keys(keyring(&dek));
         assert_eq!(read(fh).unwrap(), b"committed rows");
         assert_eq!(fs.key_versions(), Some((vec![1], 1)));
+        // The same current version again: not a change of it.
+        assert_eq!(fs.current_key_changed(), None);
         let fh2 = fs.open(attr.ino, libc::O_RDONLY).unwrap();
         assert_eq!(read(fh2).unwrap(), b"committed rows");
     }

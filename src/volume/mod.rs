@@ -10,7 +10,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{Dek, derive_config_mac_key, hmac_sha256, verify_hmac_sha256};
+use crate::crypto::{
+    Dek, Keyring, check_keyring_versions, derive_config_mac_key, hmac_sha256, verify_hmac_sha256,
+};
 use crate::kms::{KeyProvider, KmsError, ProviderSpec};
 
 /// Name of the volume config at the backing root; hidden from the mount.
@@ -45,6 +47,20 @@ pub struct StoredKeyring {
     pub id: String,
     pub current: u32,
     pub keys: Vec<WrappedKey>,
+}
+
+impl StoredKeyring {
+    /// Check the keyring as stored: each version once, the current one among them. Both
+    /// an `earfs.conf` and a keyring to join or import are refused without it.
+    pub fn check(&self) -> Result<(), String> {
+        check_keyring_versions(self.keys.iter().map(|k| k.version), self.current)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether key `version` is in the keyring.
+    pub fn has(&self, version: u32) -> bool {
+        self.keys.iter().any(|k| k.version == version)
+    }
 }
 
 /// The contents of `earfs.conf`.
@@ -160,44 +176,42 @@ impl VolumeConfig {
         if cfg.sector_size != SECTOR_SIZE {
             return Err(bad(format!("unsupported sector size {}", cfg.sector_size)));
         }
-        if !cfg
-            .keyring
-            .keys
-            .iter()
-            .any(|k| k.version == cfg.keyring.current)
-        {
-            return Err(bad(format!(
-                "current key version {} is not in the keyring",
-                cfg.keyring.current
-            )));
-        }
+        cfg.keyring.check().map_err(bad)?;
         Ok(cfg)
     }
 
-    /// Unwrap every data key through `provider` and check the config's MAC.
+    /// Unwrap every data key through `provider` and check the config's MAC: the
+    /// volume's keyring, checked (the current version present, each version once).
     pub fn unlock(
         &self,
         backing: &Path,
         provider: &dyn KeyProvider,
-    ) -> Result<Vec<(u32, Dek)>, VolumeError> {
+    ) -> Result<Keyring, VolumeError> {
         let path = config_path(backing);
-        let deks = unwrap_all(&self.keyring, provider, &path)?;
-        let current = current_of(&deks, self.keyring.current)
-            .ok_or_else(|| VolumeError::ConfigMac(path.clone()))?;
-        if !self.verify(current) {
+        let keys = unwrap_all(&self.keyring, provider, &path)?;
+        if !self.verify(keys.current().1) {
             return Err(VolumeError::ConfigMac(path));
         }
-        Ok(deks)
+        Ok(keys)
+    }
+
+    /// The key this config is sealed with, from `keys` (this volume's, from
+    /// [`Self::unlock`]): their current version must be this config's.
+    fn sealing_key<'k>(&self, keys: &'k Keyring, path: PathBuf) -> Result<&'k Dek, VolumeError> {
+        match keys.current() {
+            (v, dek) if v == self.keyring.current => Ok(dek),
+            _ => Err(VolumeError::ConfigMac(path)),
+        }
     }
 
     /// Make the volume write `format` from now on (`earfs upgrade`): earfs.conf is
     /// rewritten atomically under a new MAC. Files keep the format their header names
-    /// (docs/file-format.md). `deks` are the volume's keys from [`Self::unlock`].
+    /// (docs/file-format.md). `keys` are the volume's keys from [`Self::unlock`].
     /// Returns whether anything changed; a volume is never moved to an older format.
     pub fn upgrade(
         &mut self,
         backing: &Path,
-        deks: &[(u32, Dek)],
+        keys: &Keyring,
         format: u32,
     ) -> Result<bool, VolumeError> {
         let path = config_path(backing);
@@ -219,7 +233,7 @@ impl VolumeConfig {
         if format == self.format {
             return Ok(false);
         }
-        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let current = self.sealing_key(keys, path)?;
         let mut next = self.clone();
         next.format = format;
         next.seal(current);
@@ -230,15 +244,16 @@ impl VolumeConfig {
 
     /// Add a data key version made by `provider` and make it current (`earfs rotate`):
     /// earfs.conf is rewritten atomically, sealed with the new key. Older versions stay,
-    /// so files written under them keep reading. `deks` are the volume's keys from
-    /// [`Self::unlock`]; the new one is added to them. Returns the new version.
+    /// so files written under them keep reading. `keys` are the volume's keys from
+    /// [`Self::unlock`]; the new one is added to them, current. Returns the new version.
     pub fn rotate(
         &mut self,
         backing: &Path,
         provider: &dyn KeyProvider,
-        deks: &mut Vec<(u32, Dek)>,
+        keys: &mut Keyring,
     ) -> Result<u32, VolumeError> {
         let path = config_path(backing);
+        self.sealing_key(keys, path.clone())?;
         let version = self
             .keyring
             .keys
@@ -252,16 +267,23 @@ impl VolumeConfig {
                 reason: "no key version is left after u32::MAX".into(),
             })?;
         let (dek, wrapped) = generate_checked(provider, &self.keyring.id, &self.kms)?;
+        let mut next_keys = keys.clone();
+        next_keys
+            .add_current(version, dek)
+            .map_err(|e| VolumeError::BadConfig {
+                path,
+                reason: e.to_string(),
+            })?;
         let mut next = self.clone();
         next.keyring.keys.push(WrappedKey {
             version,
             wrapped: B64.encode(&wrapped),
         });
         next.keyring.current = version;
-        next.seal(&dek);
+        next.seal(next_keys.current().1);
         next.save(backing)?;
         *self = next;
-        deks.push((version, dek));
+        *keys = next_keys;
         Ok(version)
     }
 
@@ -270,12 +292,12 @@ impl VolumeConfig {
     /// from now on. The keyring id, the data keys, their versions and the current
     /// version stay. Each new wrapping is unwrapped again through `provider` and must
     /// give back the same key before earfs.conf is rewritten (atomically, under a new
-    /// MAC), so that the old key is not needed once this returns. `deks` are the
+    /// MAC), so that the old key is not needed once this returns. `keys` are the
     /// volume's keys from [`Self::unlock`]. Returns how many keys were wrapped.
     pub fn rewrap(
         &mut self,
         backing: &Path,
-        deks: &[(u32, Dek)],
+        deks: &Keyring,
         spec: ProviderSpec,
         provider: &dyn KeyProvider,
         progress: &mut dyn FnMut(u32),
@@ -284,7 +306,7 @@ impl VolumeConfig {
         let id = &self.keyring.id;
         let mut keys = Vec::with_capacity(self.keyring.keys.len());
         for k in &self.keyring.keys {
-            let dek = current_of(deks, k.version).ok_or_else(|| VolumeError::BadConfig {
+            let dek = deks.dek(k.version).ok_or_else(|| VolumeError::BadConfig {
                 path: path.clone(),
                 reason: format!("key version {} was not unwrapped", k.version),
             })?;
@@ -299,7 +321,7 @@ impl VolumeConfig {
             });
             progress(k.version);
         }
-        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let current = self.sealing_key(deks, path)?;
         let mut next = self.clone();
         next.kms = spec;
         next.keyring.keys = keys;
@@ -321,7 +343,7 @@ impl VolumeConfig {
                 "key version {version} is the current one; make a new one current first (`earfs rotate`), then retire {version} once no file uses it"
             )));
         }
-        if !self.keyring.keys.iter().any(|k| k.version == version) {
+        if !self.keyring.has(version) {
             let mut have: Vec<u32> = self.keyring.keys.iter().map(|k| k.version).collect();
             have.sort_unstable();
             return Err(refuse(format!(
@@ -333,7 +355,7 @@ impl VolumeConfig {
 
     /// Drop data key `version` from the keyring (`earfs retire-key`): earfs.conf is
     /// rewritten atomically, sealed again with the current key, and `version` is removed
-    /// from `deks` (the volume's keys from [`Self::unlock`]). Refused for the current
+    /// from `keys` (the volume's keys from [`Self::unlock`]). Refused for the current
     /// version (rotate first) and for a version the keyring lacks; the file is then left
     /// as it was. Whether files still use `version` is the caller's to check (by their
     /// headers, and the open files of a running daemon) before it calls this: a file
@@ -341,18 +363,25 @@ impl VolumeConfig {
     pub fn retire(
         &mut self,
         backing: &Path,
-        deks: &mut Vec<(u32, Dek)>,
+        keys: &mut Keyring,
         version: u32,
     ) -> Result<(), VolumeError> {
         let path = config_path(backing);
         self.check_retirable(backing, version)?;
-        let current = current_of(deks, self.keyring.current).ok_or(VolumeError::ConfigMac(path))?;
+        let current = self.sealing_key(keys, path.clone())?;
+        let mut next_keys = keys.clone();
+        next_keys
+            .remove(version)
+            .map_err(|e| VolumeError::NotRetirable {
+                path,
+                reason: e.to_string(),
+            })?;
         let mut next = self.clone();
         next.keyring.keys.retain(|k| k.version != version);
         next.seal(current);
         next.save(backing)?;
         *self = next;
-        deks.retain(|(v, _)| *v != version);
+        *keys = next_keys;
         Ok(())
     }
 
@@ -361,7 +390,7 @@ impl VolumeConfig {
     ///
     /// Every key of `source` is unwrapped through `provider` (this node's access to the
     /// source's KMS key) and the source is authenticated with its current key; a version
-    /// present on both sides must hold the same data key. `deks` are this volume's keys
+    /// present on both sides must hold the same data key. `keys` are this volume's keys
     /// from [`Self::unlock`]. `files_per_version` counts this volume's files by the key
     /// version their header names: a version the source lacks may go only if no file
     /// uses it. The current version never goes backwards. `spec` is what to record when
@@ -369,7 +398,7 @@ impl VolumeConfig {
     /// volume's recorded settings stay). The volume id, format and the rest stay.
     ///
     /// On success earfs.conf is rewritten atomically, sealed with the source's current
-    /// key, and `deks` become the source's keys. Returns `None` when there was nothing
+    /// key, and `keys` become the source's keys. Returns `None` when there was nothing
     /// to import (nothing is written).
     #[allow(clippy::too_many_arguments)]
     pub fn import(
@@ -379,7 +408,7 @@ impl VolumeConfig {
         source: &JoinSource,
         spec: ProviderSpec,
         provider: &dyn KeyProvider,
-        deks: &mut Vec<(u32, Dek)>,
+        keys: &mut Keyring,
         files_per_version: &std::collections::BTreeMap<u32, u64>,
     ) -> Result<Option<Imported>, VolumeError> {
         let refuse = |reason: String| VolumeError::ImportRefused {
@@ -389,13 +418,12 @@ impl VolumeConfig {
         self.check_import_id(source_file, source)?;
         let ring = source.keyring();
         let theirs = unwrap_all(ring, provider, source_file)?;
-        let current = current_of(&theirs, ring.current)
-            .ok_or_else(|| VolumeError::ConfigMac(source_file.to_path_buf()))?;
+        let (_, current) = theirs.current();
         if !source.verify(current) {
             return Err(VolumeError::ConfigMac(source_file.to_path_buf()));
         }
-        for (v, ours) in deks.iter() {
-            if let Some(t) = current_of(&theirs, *v)
+        for (v, ours) in keys.iter() {
+            if let Some(t) = theirs.dek(v)
                 && t.expose() != ours.expose()
             {
                 return Err(refuse(format!(
@@ -421,7 +449,7 @@ impl VolumeConfig {
             .keys
             .iter()
             .map(|k| k.version)
-            .filter(|v| !self.keyring.keys.iter().any(|k| k.version == *v))
+            .filter(|v| !self.keyring.has(*v))
             .collect();
         let summary = Imported {
             from: self.keyring.current,
@@ -436,7 +464,7 @@ impl VolumeConfig {
         next.seal(current);
         next.save(backing)?;
         *self = next;
-        *deks = theirs;
+        *keys = theirs;
         Ok(Some(summary))
     }
 
@@ -474,16 +502,15 @@ impl VolumeConfig {
             reason,
         };
         let ring = source.keyring();
-        let has = |v: u32| ring.keys.iter().any(|k| k.version == v);
         let mut dropped: Vec<u32> = self
             .keyring
             .keys
             .iter()
             .map(|k| k.version)
-            .filter(|v| !has(*v))
+            .filter(|v| !ring.has(*v))
             .collect();
         dropped.sort_unstable();
-        if ring.current < self.keyring.current && !has(self.keyring.current) {
+        if ring.current < self.keyring.current && !ring.has(self.keyring.current) {
             return Err(refuse(format!(
                 "its current key version is {}, older than this volume's current version {}, which it lacks: it is an older export; export the keyring again from the node that rotated last",
                 ring.current, self.keyring.current
@@ -518,7 +545,12 @@ impl VolumeConfig {
             .keys
             .iter()
             .find(|k| k.version == self.keyring.current)
-            .ok_or_else(|| bad("current key version missing".into()))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "current key version {} is not in the keyring",
+                    self.keyring.current
+                ))
+            })?;
         B64.decode(&k.wrapped)
             .map_err(|e| bad(format!("key version {}: {e}", k.version)))
     }
@@ -732,13 +764,7 @@ impl JoinSource {
             })?;
             JoinSource::Volume(c)
         };
-        let ring = src.keyring();
-        if !ring.keys.iter().any(|k| k.version == ring.current) {
-            return Err(bad(format!(
-                "current key version {} is not in the keyring",
-                ring.current
-            )));
-        }
+        src.keyring().check().map_err(bad)?;
         Ok(src)
     }
 
@@ -788,26 +814,26 @@ fn generate_checked(
     Ok((dek, wrapped))
 }
 
-/// The data key of `version` among unwrapped keys.
-pub fn current_of(deks: &[(u32, Dek)], version: u32) -> Option<&Dek> {
-    deks.iter().find(|(v, _)| *v == version).map(|(_, d)| d)
-}
-
-/// Unwrap every key of `keyring` through `provider`, with its version.
+/// Unwrap every key of `keyring` through `provider` into the checked keyring (each
+/// version once, the current one among them; refused as a bad config otherwise).
 fn unwrap_all(
     keyring: &StoredKeyring,
     provider: &dyn KeyProvider,
     path: &Path,
-) -> Result<Vec<(u32, Dek)>, VolumeError> {
+) -> Result<Keyring, VolumeError> {
+    let bad = |reason: String| VolumeError::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    keyring.check().map_err(bad)?;
     let mut deks = Vec::with_capacity(keyring.keys.len());
     for k in &keyring.keys {
-        let blob = B64.decode(&k.wrapped).map_err(|e| VolumeError::BadConfig {
-            path: path.to_path_buf(),
-            reason: format!("key version {}: {e}", k.version),
-        })?;
+        let blob = B64
+            .decode(&k.wrapped)
+            .map_err(|e| bad(format!("key version {}: {e}", k.version)))?;
         deks.push((k.version, provider.unwrap(&blob, &keyring.id)?));
     }
-    Ok(deks)
+    Keyring::new(deks, keyring.current).map_err(|e| bad(e.to_string()))
 }
 
 /// Create a node's volume in `backing` with the keyring of `source` (`join_file`),
@@ -822,9 +848,8 @@ pub fn join(
 ) -> Result<VolumeConfig, VolumeError> {
     check_new(backing)?;
     let ring = source.keyring();
-    let deks = unwrap_all(ring, provider, join_file)?;
-    let current = current_of(&deks, ring.current)
-        .ok_or_else(|| VolumeError::ConfigMac(join_file.to_path_buf()))?;
+    let keys = unwrap_all(ring, provider, join_file)?;
+    let (_, current) = keys.current();
     if !source.verify(current) {
         return Err(VolumeError::ConfigMac(join_file.to_path_buf()));
     }
@@ -894,6 +919,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_keyring_with_a_version_twice_or_without_its_current_one_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (prov, spec) = local_key(d.path());
+        let b = d.path().join("v");
+        create(&b, spec, &prov, NEW_VOLUME_FORMAT).unwrap();
+        let text = fs::read_to_string(config_path(&b)).unwrap();
+        let good: VolumeConfig = toml::from_str(&text).unwrap();
+        let mut twice = good.clone();
+        twice.keyring.keys.push(twice.keyring.keys[0].clone());
+        let mut absent = good.clone();
+        absent.keyring.current = 2;
+        for (cfg, want) in [
+            (
+                &twice,
+                "key version 1 appears more than once in the keyring",
+            ),
+            (&absent, "current key version 2 is not in the keyring"),
+        ] {
+            cfg.save(&b).unwrap();
+            let e = VolumeConfig::load(&b).unwrap_err();
+            assert!(matches!(e, VolumeError::BadConfig { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            // The same as a file to join or import.
+            let e = JoinSource::read(&config_path(&b)).unwrap_err();
+            assert!(matches!(e, VolumeError::BadConfig { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            // And unlocked as it is, before the KMS is asked.
+            let e = cfg.unlock(&b, &prov).unwrap_err();
+            assert!(matches!(e, VolumeError::BadConfig { .. }), "{e}");
+        }
+    }
+
+    #[test]
     fn join_by_config_or_export_keeps_the_keyring_and_checks_the_mac() {
         let d = tempfile::tempdir().unwrap();
         let (prov, spec) = local_key(d.path());
@@ -901,7 +959,7 @@ mod tests {
         let cfg = create(&first, spec.clone(), &prov, NEW_VOLUME_FORMAT).unwrap();
         let deks = cfg.unlock(&first, &prov).unwrap();
         let export = d.path().join("ring.toml");
-        let text = KeyringExport::of(&cfg, current_of(&deks, 1).unwrap()).to_text();
+        let text = KeyringExport::of(&cfg, deks.dek(1).unwrap()).to_text();
         fs::write(&export, &text).unwrap();
         for (n, file) in [(2, config_path(&first)), (3, export.clone())] {
             let src = JoinSource::read(&file).unwrap();
@@ -995,7 +1053,7 @@ mod tests {
         assert_ne!(back.keyring.keys, before.keyring.keys);
         // The same data keys, now only under the new key.
         let again = back.unlock(&b, &new).unwrap();
-        for ((v, a), (w, k)) in again.iter().zip(&deks) {
+        for ((v, a), (w, k)) in again.iter().zip(deks.iter()) {
             assert_eq!((v, a.expose()), (w, k.expose()));
         }
         assert!(matches!(
@@ -1044,18 +1102,20 @@ mod tests {
         let b = d.path().join("v");
         let mut cfg = create(&b, spec, &prov, NEW_VOLUME_FORMAT).unwrap();
         let mut deks = cfg.unlock(&b, &prov).unwrap();
-        let first = deks[0].1.expose().to_vec();
+        let first = deks.dek(1).unwrap().expose().to_vec();
         assert_eq!(cfg.rotate(&b, &prov, &mut deks).unwrap(), 2);
         assert_eq!(cfg.rotate(&b, &prov, &mut deks).unwrap(), 3);
         let back = VolumeConfig::load(&b).unwrap();
         assert_eq!(back, cfg);
         assert_eq!(back.keyring.current, 3);
         let again = back.unlock(&b, &prov).unwrap();
-        let versions: Vec<u32> = again.iter().map(|(v, _)| *v).collect();
-        assert_eq!(versions, [1, 2, 3]);
-        assert_eq!(again[0].1.expose().as_slice(), first.as_slice());
-        assert_ne!(again[2].1.expose(), again[1].1.expose());
-        for ((v, a), (w, b)) in again.iter().zip(&deks) {
+        assert_eq!(again.versions(), [1, 2, 3]);
+        assert_eq!(again.dek(1).unwrap().expose().as_slice(), first.as_slice());
+        assert_ne!(
+            again.dek(3).unwrap().expose(),
+            again.dek(2).unwrap().expose()
+        );
+        for ((v, a), (w, b)) in again.iter().zip(deks.iter()) {
             assert_eq!((v, a.expose()), (w, b.expose()));
         }
         // Sealed with version 3: with version 3's wrapping swapped for version 1's, it no
@@ -1077,7 +1137,7 @@ mod tests {
         let mut deks = cfg.unlock(&b, &prov).unwrap();
         cfg.rotate(&b, &prov, &mut deks).unwrap();
         cfg.rotate(&b, &prov, &mut deks).unwrap();
-        let v3 = deks[2].1.expose().to_vec();
+        let v3 = deks.dek(3).unwrap().expose().to_vec();
 
         // The current version and an absent one: refused, earfs.conf unchanged.
         let text = fs::read_to_string(config_path(&b)).unwrap();
@@ -1097,10 +1157,10 @@ mod tests {
         let versions: Vec<u32> = back.keyring.keys.iter().map(|k| k.version).collect();
         assert_eq!(versions, [2, 3]);
         assert_eq!(back.keyring.current, 3);
-        assert_eq!(deks.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(deks.versions(), [2, 3]);
         let again = back.unlock(&b, &prov).unwrap();
-        assert_eq!(again.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3]);
-        assert_eq!(again[1].1.expose().as_slice(), v3.as_slice());
+        assert_eq!(again.versions(), [2, 3]);
+        assert_eq!(again.dek(3).unwrap().expose().as_slice(), v3.as_slice());
         assert!(!b.join(CONFIG_TMP_NAME).exists());
         // Retired: a second time it is absent.
         assert!(matches!(
@@ -1173,7 +1233,7 @@ mod tests {
         /// Export `cfg` (whose keys `prov` unwraps) to a file named `name`.
         fn export_of(&self, cfg: &VolumeConfig, name: &str) -> PathBuf {
             let deks = unwrap_all(&cfg.keyring, &self.prov, Path::new(name)).unwrap();
-            let current = current_of(&deks, cfg.keyring.current).unwrap();
+            let (_, current) = deks.current();
             let p = self.d.path().join(name);
             fs::write(&p, KeyringExport::of(cfg, current).to_text()).unwrap();
             p
@@ -1198,7 +1258,7 @@ mod tests {
                 let back = VolumeConfig::load(b).unwrap();
                 assert_eq!(back, cfg);
                 let again = back.unlock(b, &self.prov).unwrap();
-                for ((v, a), (w, x)) in again.iter().zip(&deks) {
+                for ((v, a), (w, x)) in again.iter().zip(deks.iter()) {
                     assert_eq!((v, a.expose()), (w, x.expose()));
                 }
             }
@@ -1237,7 +1297,7 @@ mod tests {
             first.unlock(&c.first, &c.prov).unwrap(),
         );
         assert_eq!(a.len(), 3);
-        for ((v, x), (w, y)) in a.iter().zip(&b) {
+        for ((v, x), (w, y)) in a.iter().zip(b.iter()) {
             assert_eq!((v, x.expose()), (w, y.expose()));
         }
         // Again, by export or by node 1's earfs.conf: nothing to do, nothing written.
@@ -1334,7 +1394,7 @@ mod tests {
         cfg.kms = ProviderSpec::Local {
             key_file: moved.clone(),
         };
-        cfg.seal(current_of(&deks, 1).unwrap());
+        cfg.seal(deks.dek(1).unwrap());
         cfg.save(&c.first).unwrap();
         let export = c.export(&c.first, "moved.toml");
         let out = c.import(&c.second, &export, &[]).unwrap().unwrap();

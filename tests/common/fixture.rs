@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use earfs::content::{FileFormat, Keyring};
+use earfs::content::FileFormat;
 use earfs::fs::{Caller, EarFs, ROOT_ID, SetAttr};
 use earfs::kms::{LocalProvider, ProviderSpec, create_key_file};
 use earfs::volume::{self, VolumeConfig};
@@ -27,14 +27,9 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 
 /// The fs core over a fixture volume, in the format its config records.
 pub fn open(backing: &Path, cfg: &VolumeConfig, prov: &LocalProvider) -> EarFs {
-    let deks = cfg.unlock(backing, prov).unwrap();
+    let keys = cfg.unlock(backing, prov).unwrap();
     let format = FileFormat::from_number(u64::from(cfg.format)).unwrap();
-    EarFs::new(
-        backing,
-        Keyring::new(deks, cfg.keyring.current).unwrap(),
-        format,
-    )
-    .unwrap()
+    EarFs::new(backing, keys, format).unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
