@@ -1537,6 +1537,8 @@ fn fio(dir: &Path, args: &[&str]) -> std::process::Child {
             "--bs=4k",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No verify state files in the working directory.
+            "--verify_state_save=0",
         ])
         .args(args)
         .stdout(std::process::Stdio::piped())
