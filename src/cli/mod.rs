@@ -63,8 +63,9 @@ pub struct KmsArgs {
     /// KMS endpoint other than the default (VPC or private endpoint, a test server).
     #[arg(long, visible_alias = "endpoint", value_name = "URL")]
     pub endpoint_url: Option<String>,
-    /// Seconds that one KMS operation may take, retries of throttling, timeouts and 5xx included.
-    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+    /// How long one KMS operation may take, retries of throttling, timeouts and 5xx included ("90s", "2m"; a bare number is seconds; 1 s to 1 h).
+    #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
     pub kms_deadline: u64,
 }
 
@@ -132,8 +133,9 @@ pub enum Command {
         /// Output file (mode 0600); standard output if absent.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
-        /// Seconds that the KMS may take (see mount --kms-deadline).
-        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,
@@ -195,8 +197,9 @@ pub enum Command {
     /// file whose size is a multiple of 16 becomes v2 before a write leaves it unaligned, other v1 files
     /// stay v1 until truncated to zero or replaced (`earfs info --files` counts them).
     Upgrade {
-        /// Seconds that the KMS may take (see mount --kms-deadline).
-        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,
@@ -210,8 +213,9 @@ pub enum Command {
     /// switches at once. Other nodes of a cluster need the new keyring: `earfs
     /// export-keyring` here, then `earfs import-keyring` on each of them.
     Rotate {
-        /// Seconds that the KMS may take (see mount --kms-deadline).
-        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,
@@ -249,8 +253,9 @@ pub enum Command {
         /// The key version to retire (see `earfs keys`).
         #[arg(long, value_name = "N")]
         version: u32,
-        /// Seconds that the KMS may take (see mount --kms-deadline).
-        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DEADLINE.as_secs())]
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
         kms_deadline: u64,
         /// Backing directory of the volume.
         backing: PathBuf,

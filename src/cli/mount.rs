@@ -33,8 +33,8 @@ pub struct MountArgs {
     /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Seconds that unwrapping the data keys through the KMS may take, retries of throttling, timeouts and 5xx included [default: 60].
-    #[arg(long, value_name = "SECONDS")]
+    /// How long unwrapping the data keys through the KMS may take, retries of throttling, timeouts and 5xx included ("90s", "2m"; a bare number is seconds) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::daemon::config::parse_deadline_seconds)]
     pub kms_deadline: Option<u64>,
     /// How often the KMS key is checked again while mounted ("15m", "1h"; "0": never) [default: 15m].
     #[arg(long, value_name = "DURATION")]

@@ -107,10 +107,27 @@ fn config_error(path: &Path, msg: impl std::fmt::Display) -> Failure {
 }
 
 /// Parse a duration such as "90s", "15m", "1h 30m".
+/// A duration as flags and the config file take it: humantime ("90s", "15m", "1h 30m"),
+/// or a bare number of seconds ("90").
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
     humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write e.g. \"90s\", \"15m\" or \"1h\"")
+        format!(
+            "{s:?} is not a duration ({e}); write e.g. \"90s\", \"15m\", \"1h\" or a number of seconds"
+        )
     })
+}
+
+/// A KMS deadline on the command line: a duration (a bare number is seconds), whole
+/// seconds from 1 s to 1 h; returns the seconds.
+pub fn parse_deadline_seconds(s: &str) -> Result<u64, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || !(1..=3600).contains(&d.as_secs()) {
+        return Err(format!("{s:?} must be whole seconds between 1 s and 1 h"));
+    }
+    Ok(d.as_secs())
 }
 
 /// A recheck interval: a duration, or "0" to disable rechecks.
@@ -232,6 +249,22 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_humantime_or_bare_seconds_everywhere() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration(" 2m "), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-5").is_err());
+        assert_eq!(parse_deadline_seconds("60"), Ok(60));
+        assert_eq!(parse_deadline_seconds("2m"), Ok(120));
+        for bad in ["0", "0s", "1500ms", "2h", "x"] {
+            assert!(parse_deadline_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_interval("0"), Ok(None));
+        assert_eq!(parse_interval("900"), Ok(Some(Duration::from_secs(900))));
+    }
 
     fn load(text: &str) -> Result<FileConfig, Failure> {
         let d = tempfile::tempdir().unwrap();
