@@ -120,6 +120,16 @@ impl Daemon {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
+
+    /// `earfs status` in its human form, of every daemon of this test's runtime dir.
+    fn status_text(&self) -> String {
+        let out = Command::new(earfs())
+            .args(["status"])
+            .env("EARFS_RUNTIME_DIR", &self.runtime)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Daemon {
@@ -353,12 +363,7 @@ fn status_and_metrics_after_a_known_workload() {
         "{st}"
     );
     // The human form names the same things.
-    let out = Command::new(earfs())
-        .args(["status"])
-        .env("EARFS_RUNTIME_DIR", &dm.runtime)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = dm.status_text();
     assert!(text.contains("revocation:    ok (policy lock)"), "{text}");
     assert!(text.contains("262144 encrypted"), "{text}");
     // Only root may ask.
@@ -472,12 +477,7 @@ fn status_and_metrics_say_since_when_the_current_key_version_is_current() {
     assert!(since >= before && since > started && since <= now(), "{st}");
     assert_eq!(scrape(), (2.0, since as f64));
     // The human form says it too.
-    let out = Command::new(earfs())
-        .args(["status"])
-        .env("EARFS_RUNTIME_DIR", &dm.runtime)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = dm.status_text();
     assert!(text.contains("[1,2] (current 2 since "), "{text}");
 }
 

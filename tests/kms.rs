@@ -177,7 +177,29 @@ impl Aws {
     fn reset(&self) {
         self.fake.post("/__fake/reset", json!({}));
     }
+    /// An IAM user allowed `actions`; returns its credentials file.
+    fn user(&self, name: &str, actions: &[&str]) -> PathBuf {
+        let v = self
+            .fake
+            .post("/__fake/users", json!({ "name": name, "actions": actions }));
+        let p = self.dir.p(&format!("{name}-credentials"));
+        aws_credentials_file(
+            &p,
+            v["accessKeyId"].as_str().unwrap(),
+            v["secretAccessKey"].as_str().unwrap(),
+        );
+        p
+    }
 }
+
+/// Every AWS KMS permission earfs needs, in kms-check's order.
+const ALL_AWS: [&str; 5] = [
+    "kms:DescribeKey",
+    "kms:ListAliases",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:Decrypt",
+    "kms:Encrypt",
+];
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -194,13 +216,7 @@ fn aws_check_init_mount_remount_and_join() {
     let results = check_results(&v);
     assert_eq!(
         results.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
-        [
-            "kms:DescribeKey",
-            "kms:ListAliases",
-            "kms:GenerateDataKeyWithoutPlaintext",
-            "kms:Decrypt",
-            "kms:Encrypt"
-        ]
+        ALL_AWS
     );
     assert!(results.iter().all(|(_, ok)| *ok), "{v}");
     // init with the alias ARN: the volume stores the key ARN it resolves to.
@@ -470,25 +486,8 @@ fn aws_throttling_5xx_and_slow_replies_are_retried_within_the_deadline() {
 fn aws_missing_permissions_and_bad_credentials_are_named() {
     let aws = Aws::new(true);
     let (arn, _) = aws_key(&aws.fake, "alias/iam");
-    let user = |name: &str, actions: &[&str]| {
-        let v = aws
-            .fake
-            .post("/__fake/users", json!({ "name": name, "actions": actions }));
-        let p = aws.dir.p(&format!("{name}-credentials"));
-        aws_credentials_file(
-            &p,
-            v["accessKeyId"].as_str().unwrap(),
-            v["secretAccessKey"].as_str().unwrap(),
-        );
-        p
-    };
-    let all = [
-        "kms:DescribeKey",
-        "kms:ListAliases",
-        "kms:GenerateDataKeyWithoutPlaintext",
-        "kms:Decrypt",
-        "kms:Encrypt",
-    ];
+    let user = |name: &str, actions: &[&str]| aws.user(name, actions);
+    let all = ALL_AWS;
     let admin = user("admin", &all);
     let no_aliases = user(
         "no-aliases",
@@ -1428,25 +1427,8 @@ fn aws_rewrap_within_a_key_and_to_another_key() {
 fn rewrap_names_each_missing_permission_of_either_key() {
     let aws = Aws::new(true);
     let (arn, _) = aws_key(&aws.fake, "alias/perm");
-    let user = |name: &str, actions: &[&str]| {
-        let v = aws
-            .fake
-            .post("/__fake/users", json!({ "name": name, "actions": actions }));
-        let p = aws.dir.p(&format!("{name}-credentials"));
-        aws_credentials_file(
-            &p,
-            v["accessKeyId"].as_str().unwrap(),
-            v["secretAccessKey"].as_str().unwrap(),
-        );
-        p
-    };
-    let all = [
-        "kms:DescribeKey",
-        "kms:ListAliases",
-        "kms:GenerateDataKeyWithoutPlaintext",
-        "kms:Decrypt",
-        "kms:Encrypt",
-    ];
+    let user = |name: &str, actions: &[&str]| aws.user(name, actions);
+    let all = ALL_AWS;
     let without = |name: &str, missing: &str| {
         let actions: Vec<&str> = all.iter().copied().filter(|a| *a != missing).collect();
         user(name, &actions)
