@@ -11,6 +11,8 @@ use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry};
 use crate::volume::{self, VolumeConfig};
 
 mod change;
+#[allow(dead_code)] // the data commands land one by one
+mod data;
 mod files;
 mod import;
 mod kms;

@@ -521,6 +521,30 @@ pub fn serve(req: &MountRequest) -> Result<(), Failure> {
     }
 }
 
+/// Complete the in-place rewrites an interrupted `earfs reencrypt` left (a byte copy;
+/// see `fs::rewrite`), before anything reads the files they touched.
+fn finish_rewrites(backing: &Path) -> Result<(), Failure> {
+    let done = crate::fs::rewrite::finish_pending(backing).map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!(
+                "{}: cannot finish the file rewrites an interrupted reencrypt left: {e}",
+                backing.display()
+            ),
+        )
+    })?;
+    for p in &done.completed {
+        log::warn!("finished the interrupted rewrite of {}", p.display());
+    }
+    if done.rolled_back > 0 {
+        log::info!(
+            "removed {} unfinished rewrite(s) of an interrupted reencrypt",
+            done.rolled_back
+        );
+    }
+    Ok(())
+}
+
 fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
     prepare_process();
     // Take the signals before anything is mounted: a SIGTERM that arrives while we
@@ -537,6 +561,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         let _ = std::env::set_current_dir("/");
     }
     let _lock = lock_volume(&backing)?;
+    finish_rewrites(&backing)?;
     let metrics_listener = match req.metrics_address {
         Some(addr) => Some(metrics::bind(addr).map_err(|e| {
             Failure::new(

@@ -74,6 +74,10 @@ impl Content {
     pub fn format(&self) -> Option<FileFormat> {
         self.cipher.as_ref().map(|c| c.format())
     }
+    /// The format and key version of the file's header (`None` while it has none).
+    pub fn cipher_names(&self) -> Option<(FileFormat, u32)> {
+        self.cipher.as_ref().map(|c| (c.format(), c.key_version()))
+    }
 }
 
 /// The volume's data keys: `None` while locked (CMK revoked), with an epoch bumped on
@@ -118,7 +122,7 @@ impl VolumeKeys {
     }
 
     /// The keys and their epoch; `None` while locked.
-    fn snapshot(&self) -> (Option<Arc<Keyring>>, u64) {
+    pub(super) fn snapshot(&self) -> (Option<Arc<Keyring>>, u64) {
         let k = self.keys.read();
         (k.keys.clone(), k.epoch)
     }
@@ -407,7 +411,7 @@ fn upgrade_if_aligned(c: &mut Content, io: &Io<'_>, new_size: u64) -> FsResult<(
 
 /// Zero backing bytes `[from, to)`: punch a hole, or write zeros where the backing
 /// filesystem cannot punch.
-fn clear_range(f: &File, from: u64, to: u64) -> FsResult<()> {
+pub(super) fn clear_range(f: &File, from: u64, to: u64) -> FsResult<()> {
     if to <= from {
         return Ok(());
     }

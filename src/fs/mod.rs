@@ -4,11 +4,13 @@
 
 pub mod backing;
 pub mod census;
+pub mod copy;
 mod dir;
 mod error;
 mod file;
 mod inode;
 mod open_use;
+pub mod rewrite;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -40,10 +42,12 @@ pub use open_use::OpenKeyUse;
 use dir::DirHandle;
 use inode::InodeTable;
 
-/// Whether `name` in the backing root is the volume's own (its config), not a file of
-/// the mount.
+/// Whether `name` in the backing root is the volume's own (its config, the data
+/// commands' work directory), not a file of the mount.
 pub(crate) fn is_reserved_root_name(name: &OsStr) -> bool {
-    name.as_bytes() == CONFIG_NAME.as_bytes() || name.as_bytes() == CONFIG_TMP_NAME.as_bytes()
+    name.as_bytes() == CONFIG_NAME.as_bytes()
+        || name.as_bytes() == CONFIG_TMP_NAME.as_bytes()
+        || name.as_bytes() == rewrite::WORK_DIR.as_bytes()
 }
 
 /// Attributes of a file as the mount shows them (plaintext size).

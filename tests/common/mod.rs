@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 pub mod crashmodel;
 pub mod keyring_kill;
 pub mod kms;
+pub mod tree;
 
 pub fn earfs() -> &'static str {
     env!("CARGO_BIN_EXE_earfs")
