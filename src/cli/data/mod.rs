@@ -103,6 +103,86 @@ pub(super) fn finish_rewrites(backing: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An operation in progress on a volume (`adopt`, `decrypt`): a record in the work
+/// directory, written when it starts and removed when it ends, so that `earfs fsck`
+/// can name an interrupted one and the command to finish it. `detail` says what
+/// (e.g. `{"source": "/var/lib/pg"}`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub(super) struct OpRecord {
+    /// "adopt", "decrypt".
+    pub op: String,
+    /// The command line that finishes it ("earfs adopt /var/lib/pg /data/enc").
+    pub command: String,
+    /// Anything else the command needs to find its leftovers (paths).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+    /// When it started (seconds since the epoch).
+    pub started: u64,
+}
+
+impl OpRecord {
+    fn path(backing: &Path, op: &str) -> std::path::PathBuf {
+        backing
+            .join(rewrite::WORK_DIR)
+            .join(format!("op-{op}.json"))
+    }
+
+    /// Write the record of `op` (atomically, synced), replacing an older one.
+    pub fn begin(
+        backing: &Path,
+        op: &str,
+        command: String,
+        detail: serde_json::Value,
+    ) -> std::io::Result<()> {
+        rewrite::work_dir(backing)?;
+        let rec = OpRecord {
+            op: op.to_string(),
+            command,
+            detail,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let json = serde_json::to_vec_pretty(&rec).map_err(std::io::Error::other)?;
+        rewrite::write_atomic(&Self::path(backing, op), &json)
+    }
+
+    /// Remove the record of `op` (done), and sync the work directory.
+    pub fn end(backing: &Path, op: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(Self::path(backing, op)) {
+            Ok(()) => sync_dir(&backing.join(rewrite::WORK_DIR)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The records of operations in progress (or interrupted) on the volume.
+    pub fn list(backing: &Path) -> std::io::Result<Vec<OpRecord>> {
+        let dir = backing.join(rewrite::WORK_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("op-") && name.ends_with(".json") {
+                let text = std::fs::read(e.path())?;
+                let rec = serde_json::from_slice(&text).map_err(|err| {
+                    std::io::Error::other(format!("{}: {err}", e.path().display()))
+                })?;
+                out.push(rec);
+            }
+        }
+        out.sort_by(|a: &OpRecord, b| a.op.cmp(&b.op));
+        Ok(out)
+    }
+}
+
 /// Set by SIGINT or SIGTERM: the command stops after the files in progress.
 #[derive(Clone)]
 pub(super) struct Stop(Arc<AtomicBool>);
