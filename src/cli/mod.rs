@@ -284,6 +284,38 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Rewrite every file whose key version is not the current one or whose format is
+    /// not the volume's, so that old key versions can be retired.
+    ///
+    /// On an unmounted volume (BACKING) each file is written anew and renamed over the
+    /// old one (files with several names are rewritten in place). On a mounted volume
+    /// (its MOUNTPOINT or BACKING) the daemon rewrites each file in place under the
+    /// file's lock: the database keeps running, and files it holds open are skipped and
+    /// tried again on later passes (or rewritten too, with --include-open). Interrupt it
+    /// at any time (Ctrl-C, or even kill -9) and run it again to finish.
+    Reencrypt {
+        /// Limit the data rewritten per second, so that the database keeps its latency ("100MiB/s", "50M", "20MB/s").
+        #[arg(long, value_name = "RATE", value_parser = data::parse_rate)]
+        rate: Option<u64>,
+        /// Files rewritten in parallel (unmounted volume; default: one per CPU, 2 to 8).
+        #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+        jobs: Option<u32>,
+        /// Mounted volume: rewrite files that are open through the mount too (their I/O waits while each is rewritten).
+        #[arg(long)]
+        include_open: bool,
+        /// Say how many files and bytes would be rewritten, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
+        kms_deadline: u64,
+        /// The volume's backing directory, or the mountpoint of a mounted volume.
+        target: PathBuf,
+    },
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
         /// Print JSON (bytes per second).
@@ -360,6 +392,25 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             files,
             backing,
         } => info(json, files, backing),
+        Command::Reencrypt {
+            rate,
+            jobs,
+            include_open,
+            dry_run,
+            json,
+            kms_deadline,
+            target,
+        } => data::reencrypt::run(
+            &target,
+            &data::reencrypt::Options {
+                rate,
+                jobs: jobs.map(|j| j as usize),
+                include_open,
+                dry_run,
+                json,
+                kms_deadline,
+            },
+        ),
         Command::Speed { json, seconds } => speed(json, seconds),
     }
 }

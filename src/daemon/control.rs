@@ -8,7 +8,8 @@
 //! the volume's key or the one SPEC names; `import-keyring /ABSOLUTE/PATH`: merge a
 //! newer export of the volume's keyring, which the daemon reads; `open-files`: the key
 //! versions of the files the daemon holds open; `retire N [MOVES]`: drop key version N
-//! once no file uses it) and one JSON reply.
+//! once no file uses it; `rewrite JSON`: rewrite one file in place under the current
+//! key and format, for `earfs reencrypt`) and one JSON reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -65,7 +66,7 @@ pub fn serve(shared: Arc<Shared>) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-fn answer(shared: &Shared, conn: UnixStream) {
+fn answer(shared: &Arc<Shared>, conn: UnixStream) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
     let peer = rustix::net::sockopt::socket_peercred(&conn);
@@ -114,6 +115,21 @@ fn answer(shared: &Shared, conn: UnixStream) {
         "import-keyring" => import_keyring(shared, arg),
         "open-files" => serde_json::to_string(&shared.open_key_use()).unwrap_or_default(),
         "retire" => retire(shared, line.trim()),
+        "rewrite" => {
+            // A rewrite may take long: it gets a thread, so that status stays answered.
+            let shared = shared.clone();
+            let arg = arg.to_string();
+            let spawned = std::thread::Builder::new()
+                .name("earfs-rewrite".into())
+                .spawn(move || {
+                    let reply = rewrite(&shared, &arg);
+                    let _ = writeln!(&conn, "{reply}");
+                });
+            if let Err(e) = spawned {
+                log::error!("op=rewrite cannot start a thread: {e}");
+            }
+            return;
+        }
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     let _ = writeln!(w, "{reply}");
@@ -149,6 +165,47 @@ fn retire(shared: &Shared, line: &str) -> String {
         })
         .to_string(),
         Err(RetireError::Failed(e)) => serde_json::json!({ "error": e }).to_string(),
+    }
+}
+
+/// What a `rewrite` request asks (see `earfs reencrypt`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RewriteRequest {
+    /// The file's path under the backing root.
+    pub path: PathBuf,
+    /// Bytes per second at most (none: as fast as it goes).
+    pub rate: Option<u64>,
+    /// Rewrite it even while it is open through the mount.
+    pub include_open: bool,
+}
+
+/// `rewrite JSON`: rewrite one file in place in the volume's format under the current
+/// key (see `EarFs::rewrite`); the reply names what was done and the bytes moved.
+fn rewrite(shared: &Shared, arg: &str) -> String {
+    let req: RewriteRequest = match serde_json::from_str(arg) {
+        Ok(r) => r,
+        Err(e) => {
+            return serde_json::json!({ "error": format!("rewrite: bad request: {e}") })
+                .to_string();
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut moved = 0u64;
+    let each = |n: u64| {
+        moved += n;
+        if let Some(rate) = req.rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(moved as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    };
+    match shared.fs.rewrite(&req.path, req.include_open, each) {
+        Ok(done) => serde_json::json!({ "result": done, "bytes": moved }).to_string(),
+        Err(e) => {
+            log::error!("op=rewrite path={} {e}", req.path.display());
+            serde_json::json!({ "error": e.to_string() }).to_string()
+        }
     }
 }
 

@@ -53,13 +53,20 @@ pub struct Record {
     pub mtime: (i64, i64),
 }
 
-/// The work directory of the volume at `root`, created (mode 0700) if missing.
+/// The work directory of the volume at `root`, created (mode 0700) if missing; the
+/// root keeps its times (they are the mount root's).
 pub fn work_dir(root: &Path) -> std::io::Result<PathBuf> {
     let dir = root.join(WORK_DIR);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let times = times_of(&std::fs::metadata(root)?);
     match std::fs::create_dir(&dir) {
         Ok(()) => {
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-            File::open(root)?.sync_all()?;
+            let r = File::open(root)?;
+            set_times(&r, times.0, times.1)?;
+            r.sync_all()?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
@@ -118,11 +125,13 @@ pub fn copy_plain(src: &Plain<'_>, dst: &mut Plain<'_>, mut each: impl FnMut(u64
     Ok(())
 }
 
-fn times_of(m: &std::fs::Metadata) -> ((i64, i64), (i64, i64)) {
+/// The access and modification times of `m`, `(seconds, nanoseconds)` each.
+pub fn times_of(m: &std::fs::Metadata) -> ((i64, i64), (i64, i64)) {
     ((m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec()))
 }
 
-fn set_times(f: &File, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
+/// Set the access and modification times of `f`.
+pub fn set_times(f: &File, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
     let ts = Timestamps {
         last_access: Timespec {
             tv_sec: atime.0,
@@ -370,8 +379,15 @@ impl EarFs {
     /// volume's format under the current key, while the volume is mounted: under the
     /// inode's exclusive content lock, so that no read or write through the mount sees
     /// anything but the whole old or the whole new content, and the kernel keeps the
-    /// same inode. A file open through the mount is skipped ([`Rewritten::Open`]).
-    pub fn rewrite(&self, rel: &Path, each: impl FnMut(u64)) -> FsResult<Rewritten> {
+    /// same inode. A file open through the mount is skipped ([`Rewritten::Open`])
+    /// unless `include_open`: its handles stay valid (the inode is the same) and its
+    /// I/O waits while it is rewritten.
+    pub fn rewrite(
+        &self,
+        rel: &Path,
+        include_open: bool,
+        each: impl FnMut(u64),
+    ) -> FsResult<Rewritten> {
         if rel.is_absolute()
             || rel
                 .components()
@@ -403,7 +419,7 @@ impl EarFs {
         let (inode, _) =
             self.inodes
                 .remember((st.st_dev, st.st_ino), fd, FileKind::File, st.st_mode)?;
-        let result = self.rewrite_inode(&inode, rel, each);
+        let result = self.rewrite_inode(&inode, rel, include_open, each);
         self.inodes.forget(inode.id, 1);
         result
     }
@@ -412,10 +428,11 @@ impl EarFs {
         &self,
         inode: &Inode,
         rel: &Path,
+        include_open: bool,
         each: impl FnMut(u64),
     ) -> FsResult<Rewritten> {
         let mut c = inode.content.write();
-        if self.files.read().values().any(|h| h.inode.id == inode.id) {
+        if !include_open && self.files.read().values().any(|h| h.inode.id == inode.id) {
             return Ok(Rewritten::Open);
         }
         let target = File::from(rustix::fs::open(
