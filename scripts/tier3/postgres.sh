@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tier 3: Debian PostgreSQL on the mounted file system.
 #
-# initdb --data-checksums on the mount, pgbench -i + a timed pgbench run, a
+# initdb --data-checksums on the mount, pgbench -i + a timed pgbench run, (earfs)
+# a key rotation and `earfs reencrypt` of every file under pgbench load, a
 # crash (pg_ctl stop -m immediate) under load, WAL recovery on restart,
 # amcheck (bt_index_check heapallindexed + verify_heapam) and pgbench
 # invariants, clean stop, unmount/remount, pg_checksums --check.
@@ -90,6 +91,35 @@ nfailed="$(awk -F': ' '/number of failed transactions/{print $2 + 0; exit}' "$wo
 log "pgbench: tps=$tps transactions=$ntx failed=${nfailed:-0}"
 [[ -n "$ntx" && "$ntx" -gt 0 ]] || fail "pgbench processed no transactions"
 
+# --- online reencrypt under load (earfs) ----------------------------------------
+# A new data key version, then every file rewritten under it by the running daemon
+# while pgbench writes: first files the server does not hold open (rate-limited),
+# then the open ones too (--include-open). The crash, recovery, amcheck and
+# checksum checks below then run on the rewritten files.
+reenc_line="not run (backend $BACKEND)"
+if [[ "$BACKEND" == earfs ]]; then
+    "$EARFS_BIN" rotate "$FS_BACKING" >/dev/null || fail "earfs rotate failed"
+    as_pg "$PGBIN/pgbench" -h 127.0.0.1 -p "$port" -n -c "$CLIENTS" -j 2 -T 20 postgres \
+        >"$work/pgbench-reencrypt.log" 2>&1 &
+    bench_pid=$!
+    sleep 2
+    t0=$SECONDS
+    rc=0
+    "$EARFS_BIN" reencrypt --rate 100MiB/s "$MNT" >"$work/reencrypt-1.log" 2>&1 || rc=$?
+    [[ "$rc" == 0 || "$rc" == 23 ]] || { cat "$work/reencrypt-1.log"; fail "earfs reencrypt failed (exit $rc)"; }
+    "$EARFS_BIN" reencrypt --include-open "$MNT" >"$work/reencrypt-2.log" 2>&1 ||
+        { cat "$work/reencrypt-2.log"; fail "earfs reencrypt --include-open failed"; }
+    t_reenc=$((SECONDS - t0))
+    wait "$bench_pid" || { cat "$work/pgbench-reencrypt.log"; fail "pgbench failed while the files were rewritten"; }
+    ntx_reenc="$(awk -F': ' '/number of transactions actually processed/{split($2, a, "/"); print a[1]; exit}' "$work/pgbench-reencrypt.log")"
+    # Files written since under the new key are fine; none may be left on version 1.
+    keys_out="$("$EARFS_BIN" keys --json "$FS_BACKING")"
+    old_files="$(python3 -c 'import json,sys; k=json.load(sys.stdin); print(sum(n for v, n in k["files"]["key_versions"].items() if v != str(k["current"])))' <<<"$keys_out" 2>/dev/null || echo "?")"
+    [[ "$old_files" == 0 ]] || { echo "$keys_out"; fail "$old_files file(s) still on an old key version after reencrypt"; }
+    reenc_line="$(grep -m1 'rewritten under' "$work/reencrypt-1.log"), then with --include-open: $(grep -m1 'rewritten under' "$work/reencrypt-2.log") (${t_reenc}s in all; pgbench ran $ntx_reenc transactions meanwhile)"
+    log "online reencrypt: $reenc_line"
+fi
+
 # --- crash under load ---------------------------------------------------------
 # -n: no pre-run vacuum (it would TRUNCATE pgbench_history, defeating the
 # history/balance checks below).
@@ -172,6 +202,7 @@ pg_failed=0
 echo "postgres summary ($BACKEND, PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}')):"
 echo "  initdb: ${t_initdb}s   pgbench -i -s $SCALE: ${t_init}s"
 echo "  pgbench -c $CLIENTS -T $SECS: tps=$tps, $ntx transactions"
+echo "  online reencrypt under pgbench: $reenc_line"
 echo "  crash under load + restart: recovery took ${t_recovery}s; log lines:"
 printf '%s\n' "$recovery_lines" | sed 's/^.*\(LOG\|FATAL\|PANIC\): */    /'
 echo "  rows: pgbench_accounts=$accounts, pgbench_history=$history (>= $ntx), balance sums equal ($s_a)"
