@@ -1416,7 +1416,7 @@ fn retire_key_refuses_while_files_use_the_version_then_drops_it() {
     let err = failed_with(31, retire("1"));
     assert!(
         err.contains(
-            "2 files still use key version 1 (2 in the backing directory); re-encrypt or remove them first"
+            "2 files still use key version 1 (2 in the backing directory); run `earfs reencrypt` (mounted or not), or remove them, first; `earfs keys` counts them"
         ),
         "{err}"
     );

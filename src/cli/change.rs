@@ -261,7 +261,7 @@ fn still_used(version: u32, in_dir: u64, unlinked: u64, unreadable: u64) -> Fail
         ));
     }
     let mut msg = format!(
-        "{total} {} still {} key version {version} ({}); re-encrypt or remove them first (rewrite a file under the current key: copy it, or truncate it to zero and write it again; `earfs keys` counts them)",
+        "{total} {} still {} key version {version} ({}); run `earfs reencrypt` (mounted or not), or remove them, first; `earfs keys` counts them",
         if total == 1 { "file" } else { "files" },
         if total == 1 { "uses" } else { "use" },
         parts.join(", ")
