@@ -270,10 +270,26 @@ fn finish(
             .filter(|(v, n)| **n > 0 && v.as_str() != key.to_string())
             .map(|(v, n)| format!("version {v}: {n}"))
             .collect();
-        if old.is_empty() {
+        let retirable: Vec<u32> = VolumeConfig::load(backing)
+            .map(|cfg| {
+                cfg.keyring
+                    .keys
+                    .iter()
+                    .map(|k| k.version)
+                    .filter(|v| *v != key)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if old.is_empty() && retirable.is_empty() {
+            println!("every file is under key version {key}, the only one");
+        } else if old.is_empty() {
+            let cmds: Vec<String> = retirable
+                .iter()
+                .map(|v| format!("earfs retire-key --version {v} {}", backing.display()))
+                .collect();
             println!(
-                "every file is under key version {key}: older versions can be retired (`earfs retire-key --version N {}`)",
-                backing.display()
+                "every file is under key version {key}; no file uses the other versions any more: retire them once backups no longer need them ({})",
+                cmds.join("; ")
             );
         } else {
             println!(
