@@ -400,14 +400,18 @@ impl EarFs {
             return Err(FsError::Invalid);
         }
         let root = self.inodes.get(ROOT_ID)?;
-        let fd = match rustix::fs::openat(
+        // No symbolic link on the way: the path cannot lead out of the backing tree.
+        let fd = match rustix::fs::openat2(
             &root.fd,
             rel,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS,
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(Rewritten::Gone),
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => {
+                return Ok(Rewritten::Gone);
+            }
             Err(e) => return Err(e.into()),
         };
         let st = rustix::fs::fstat(&fd)?;
