@@ -284,6 +284,17 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Turn the plaintext directory SRC into an earfs volume in BACKING, in place (the
+    /// database stopped); SRC becomes the mountpoint: `earfs mount BACKING SRC`.
+    ///
+    /// BACKING must be on SRC's filesystem: files move one at a time (encrypted copy,
+    /// fsync, rename into BACKING, then the plaintext unlinked), so it needs free space
+    /// for the largest file, not for a second copy. Keeps modes, owners, times, user.*
+    /// attributes, hard links, symlinks, FIFOs, empty directories and holes; refuses
+    /// sockets, devices and nested mounts by name before changing anything. BACKING is
+    /// created as `earfs init` does (--kms …); interrupted (Ctrl-C, kill -9, a crash),
+    /// the same command finishes the job (the --kms flags are then not needed).
+    Adopt(data::adopt::AdoptArgs),
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
         /// Print JSON (bytes per second).
@@ -361,6 +372,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             backing,
         } => info(json, files, backing),
         Command::Speed { json, seconds } => speed(json, seconds),
+        Command::Adopt(args) => data::adopt::run(args),
     }
 }
 

@@ -7,6 +7,8 @@
 //! Every command is safe to interrupt at any point (Ctrl-C, or kill -9) and finishes
 //! when run again: see each command's module for the order of its steps.
 
+pub(super) mod adopt;
+
 use std::fs::{File, Metadata};
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
