@@ -392,16 +392,21 @@ fn refusals_change_nothing() {
 /// calls every run); after each, no file is lost, and a rerun finishes the job.
 #[test]
 fn killed_at_seeded_points_a_rerun_finishes() {
-    killed_runs(0xAD0B7, 20, &["--jobs", "1"]);
+    // With one job the adopt runs in one thread: every point is reached.
+    killed_runs(0xAD0B7, 20, &["--jobs", "1"], 20);
 }
 
-/// The same with the default number of workers (their calls interleave).
+/// The same with the default number of workers (their calls interleave). strace
+/// counts the calls of each thread apart, so a point past a thread's last call is not
+/// reached: some of these runs finish.
 #[test]
 fn killed_in_parallel_a_rerun_finishes() {
-    killed_runs(0xAD0B8, 5, &[]);
+    killed_runs(0xAD0B8, 6, &[], 2);
 }
 
-fn killed_runs(seed: u64, points: usize, extra: &[&str]) {
+/// Kill `points` runs of the adopt (`extra` flags) at seeded points, at least
+/// `min_killed` of them before they finish.
+fn killed_runs(seed: u64, points: usize, extra: &[&str], min_killed: usize) {
     let d = TestDir::new("earfs-adopt-kill-");
     let key = make_key(d.path());
     let tpl = d.path().join("template");
@@ -437,13 +442,27 @@ fn killed_runs(seed: u64, points: usize, extra: &[&str]) {
             assert!(out.status.success(), "{what}: {}", text(&out));
         }
         check_none_lost(&src, &backing, &want, &what);
+        let in_src = all_files(&src).len();
+        let in_backing = if backing.exists() {
+            all_files(&backing).len()
+        } else {
+            0
+        };
+        eprintln!(
+            "{what}: {}, {in_src} files in SRC, {in_backing} in BACKING",
+            if was_killed(&out) {
+                "killed"
+            } else {
+                "finished"
+            }
+        );
         let out = run(&args);
         assert!(out.status.success(), "{what}: rerun: {}", text(&out));
         check_adopted(&src, &backing, &want, &root, &what);
         std::fs::remove_dir_all(&backing).unwrap();
     }
     assert!(
-        killed * 2 >= points,
+        killed >= min_killed,
         "only {killed} of {points} runs were killed"
     );
 }

@@ -1029,7 +1029,15 @@ fn adopt(
         },
     };
     let threads = args.jobs.map(|j| j as usize).unwrap_or_else(default_jobs);
-    let done = parallel(&walk.jobs, threads, &stop, |job| adopt_job(&ctx, job));
+    let done = if threads <= 1 {
+        // In this thread: one order of calls, run after run.
+        walk.jobs
+            .iter()
+            .take_while(|_| !stop.requested())
+            .try_for_each(|job| adopt_job(&ctx, job))
+    } else {
+        parallel(&walk.jobs, threads, &stop, |job| adopt_job(&ctx, job))
+    };
     if let Err(e) = done {
         ctx.progress.abandon();
         return Err(e);
