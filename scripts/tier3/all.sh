@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tier 3: run every tier-3 suite for BACKEND=${EARFS_FS:-earfs}.
 #
-#   all.sh [--no-deps] [SUITE...]   SUITE: fsx pjdfstest postgres rocksdb sqlite powercut
+#   all.sh [--no-deps] [SUITE...]   SUITE: fsx pjdfstest postgres rocksdb sqlite powercut adopt
 #
 # Runs scripts/deps-tier3.sh first (idempotent; skip with --no-deps), then
 # each suite in turn (a failing suite does not stop the others), then prints
@@ -19,14 +19,15 @@ suites=()
 for a in "$@"; do
     case "$a" in
         --no-deps) deps=0 ;;
-        fsx | pjdfstest | postgres | rocksdb | sqlite | powercut) suites+=("$a") ;;
-        *) echo "usage: $0 [--no-deps] [fsx|pjdfstest|postgres|rocksdb|sqlite|powercut]..." >&2; exit 2 ;;
+        fsx | pjdfstest | postgres | rocksdb | sqlite | powercut | adopt) suites+=("$a") ;;
+        *) echo "usage: $0 [--no-deps] [fsx|pjdfstest|postgres|rocksdb|sqlite|powercut|adopt]..." >&2; exit 2 ;;
     esac
 done
 if ((${#suites[@]} == 0)); then
     suites=(fsx pjdfstest postgres rocksdb sqlite)
-    # powercut records earfs's own backing calls: it has no other backend.
-    [[ "$BACKEND" == earfs ]] && suites+=(powercut)
+    # powercut records earfs's own backing calls, adopt is earfs's own command: they
+    # have no other backend.
+    [[ "$BACKEND" == earfs ]] && suites+=(powercut adopt)
 fi
 
 [[ "$(id -u)" == 0 ]] || { echo "FAIL: tier3 $BACKEND: must run as root (FUSE allow_other, postgres user, pjdfstest)"; exit 1; }

@@ -284,6 +284,17 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Turn the plaintext directory SRC into an earfs volume in BACKING, in place (the
+    /// database stopped); SRC becomes the mountpoint: `earfs mount BACKING SRC`.
+    ///
+    /// BACKING must be on SRC's filesystem: files move one at a time (encrypted copy,
+    /// fsync, rename into BACKING, then the plaintext unlinked), so it needs free space
+    /// for the largest file, not for a second copy. Keeps modes, owners, times, user.*
+    /// attributes, hard links, symlinks, FIFOs, empty directories and holes; refuses
+    /// sockets, devices and nested mounts by name before changing anything. BACKING is
+    /// created as `earfs init` does (--kms …); interrupted (Ctrl-C, kill -9, a crash),
+    /// the same command finishes the job (the --kms flags are then not needed).
+    Adopt(data::adopt::AdoptArgs),
     /// Rewrite every file whose key version is not the current one or whose format is
     /// not the volume's, so that old key versions can be retired.
     ///
@@ -297,7 +308,7 @@ pub enum Command {
         /// Limit the data rewritten per second, so that the database keeps its latency ("100MiB/s", "50M", "20MB/s").
         #[arg(long, value_name = "RATE", value_parser = data::parse_rate)]
         rate: Option<u64>,
-        /// Files rewritten in parallel (unmounted volume; default: one per CPU, 2 to 8).
+        /// Files rewritten in parallel (unmounted volume; default: four per CPU, 4 to 16).
         #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
         jobs: Option<u32>,
         /// Mounted volume: rewrite files that are open through the mount too (their I/O waits while each is rewritten).
@@ -412,6 +423,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             },
         ),
         Command::Speed { json, seconds } => speed(json, seconds),
+        Command::Adopt(args) => data::adopt::run(args),
     }
 }
 
