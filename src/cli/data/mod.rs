@@ -27,6 +27,9 @@ use crate::volume::VolumeConfig;
 
 use super::kms::retry;
 
+pub(super) mod cat;
+pub(super) mod decrypt;
+
 /// Seconds between the plain progress lines printed when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
