@@ -285,12 +285,14 @@ fn decrypt_killed_anywhere_finishes_when_run_again() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same(&want, &manifest(&probe, &[]), "complete run under strace");
     // Kills that land after the job is done (its last lines printed) do not count:
-    // take points until 20 landed before.
-    let points = kill_points(&counts, 0xdec, 40);
+    // take points until 20 seeded ones (and the 2 chosen) landed before.
+    // Two chosen first: between a hard-link group's first name and its others.
+    let mut points = vec![("linkat".to_string(), 1), ("linkat".to_string(), 2)];
+    points.extend(kill_points(&counts, 0xdec, 40));
 
     let mut before_end = 0;
     for (i, (call, k)) in points.iter().enumerate() {
-        if before_end >= 20 {
+        if before_end >= 22 {
             break;
         }
         // The volume is never changed by decrypt but its record: start from a copy.
@@ -338,7 +340,7 @@ fn decrypt_killed_anywhere_finishes_when_run_again() {
         std::fs::remove_dir_all(&dest).unwrap();
     }
     assert!(
-        before_end >= 20,
+        before_end >= 22,
         "only {before_end} runs of {} were killed before the end",
         points.len()
     );
@@ -546,4 +548,50 @@ fn cat_fails_on_a_damaged_file_and_closes_quietly_on_a_closed_pipe() {
     // A directory.
     let out = cat(&[s(&backing.join("base"))]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+/// `earfs cat` of a copy of a volume whose key is in AWS KMS (moto), on "another
+/// machine": the recorded credentials file is gone, this machine's is given.
+#[test]
+fn cat_unwraps_through_aws_kms_with_this_machines_credentials() {
+    use common::kms::{Fake, aws_credentials_file, aws_key, provider_flags};
+    let d = TestDir::new("earfs-cat-aws-");
+    let fake = Fake::aws(false);
+    let (arn, _) = aws_key(&fake, "alias/earfs-cat");
+    let creds = d.path().join("node-a.credentials");
+    aws_credentials_file(&creds, "AKIDNODEA", "secret-a");
+    let backing = d.path().join("backing");
+    let mut init = vec!["init".to_string()];
+    init.extend(provider_flags("aws", &fake, &arn, &creds));
+    init.push(s(&backing).into());
+    ok(&init.iter().map(String::as_str).collect::<Vec<_>>());
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    make_tree(&src, 81, 10, 100_000);
+    fill_through_mount(&backing, &src, &d.path().join("mnt"));
+    let copy = d.path().join("copy");
+    copy_tree(&backing, &copy);
+    let (rel, e) = manifest(&src, &[])
+        .into_iter()
+        .filter(|(_, e)| e.kind == "file")
+        .max_by_key(|(_, e)| e.size)
+        .unwrap();
+    // The node's credentials file is not on this machine.
+    std::fs::remove_file(&creds).unwrap();
+    let out = cat(&[s(&copy.join(&rel))]);
+    assert_eq!(out.status.code(), Some(28), "{}", stderr(&out));
+    let mine = d.path().join("restore.credentials");
+    aws_credentials_file(&mine, "AKIDRESTORE", "secret-b");
+    let out = cat(&["--credentials", s(&mine), s(&copy.join(&rel))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(hex::encode(Sha256::digest(&out.stdout)), e.sha256);
+    // Another key than the volume's is refused before any call.
+    let out = cat(&[
+        "--credentials",
+        s(&mine),
+        "--key-arn",
+        "arn:aws:kms:us-east-1:111122223333:key/00000000-0000-0000-0000-000000000000",
+        s(&copy.join(&rel)),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }

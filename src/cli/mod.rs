@@ -298,7 +298,7 @@ pub enum Command {
     /// the end and the command exits 1. Takes the volume's lock (exit 18 while it is
     /// mounted). DEST needs the space of the whole plaintext.
     Decrypt {
-        /// Files decrypted at once (default: one per CPU, 2 to 8).
+        /// Files decrypted at once (default 16: the work waits on the disk more than on the CPU).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: Option<u16>,
         /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
