@@ -401,7 +401,7 @@ fn killed_at_seeded_points_a_rerun_finishes() {
 /// reached: some of these runs finish.
 #[test]
 fn killed_in_parallel_a_rerun_finishes() {
-    killed_runs(0xAD0B8, 6, &[], 2);
+    killed_runs(0xAD0B8, 6, &["--jobs", "2"], 2);
 }
 
 /// Kill `points` runs of the adopt (`extra` flags) at seeded points, at least

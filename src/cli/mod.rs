@@ -327,6 +327,53 @@ pub enum Command {
         /// The volume's backing directory, or the mountpoint of a mounted volume.
         target: PathBuf,
     },
+    /// Write the plaintext tree of an unmounted volume into DEST (removing encryption,
+    /// or a restore), verified.
+    ///
+    /// DEST must be new, empty, or an interrupted decrypt of the same BACKING (then the
+    /// same command finishes it; refused otherwise with exit 2). Every file keeps its
+    /// owner, mode, user.* attributes, times, hard links and holes; symlinks, special
+    /// files and empty directories are made too. Each file is written to a temp in
+    /// DEST/.earfs-decrypt-tmp, hashed as it is read from BACKING, synced, read back and
+    /// compared, then renamed into place: a kill at any point leaves no partial file at
+    /// a final path, and running the same command again finishes. A backing file that
+    /// cannot be decrypted (damaged) does not stop the run: all of them are named at
+    /// the end and the command exits 1. Takes the volume's lock (exit 18 while it is
+    /// mounted). DEST needs the space of the whole plaintext.
+    Decrypt {
+        /// Files decrypted at once (default 16: the work waits on the disk more than on the CPU).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: Option<u16>,
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
+        kms_deadline: u64,
+        /// Backing directory of the volume (unmounted; may be a read-only snapshot).
+        backing: PathBuf,
+        /// Where the plaintext tree goes.
+        dest: PathBuf,
+    },
+    /// Decrypt backing files to standard output: no mount, no FUSE, no volume lock.
+    ///
+    /// Works on a copy of a backing directory (a snapshot, a backup), on a live one
+    /// (read-only), or on a file copied out alone with --conf. The volume's earfs.conf
+    /// is found by walking up from each file's directory, or given with --conf FILE.
+    /// The data keys are unwrapped through the provider the config records, with this
+    /// machine's settings: --credentials, --profile, --region, --endpoint-url and
+    /// (local) --key-file override the recorded ones, as for `earfs kms-check BACKING`.
+    /// Holes come out as zeros. A file that cannot be decrypted stops it with exit 1,
+    /// naming the file; a file in no volume without --conf exits 10.
+    Cat {
+        /// The volume's earfs.conf (or a copy of it), for files copied out of their
+        /// backing directory.
+        #[arg(long, value_name = "FILE")]
+        conf: Option<PathBuf>,
+        #[command(flatten)]
+        kms: KmsArgs,
+        /// Backing files, decrypted one after the other.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
         /// Print JSON (bytes per second).
@@ -424,6 +471,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Speed { json, seconds } => speed(json, seconds),
         Command::Adopt(args) => data::adopt::run(args),
+    },
+        Command::Decrypt {
+            jobs,
+            kms_deadline,
+            backing,
+            dest,
+        } => data::decrypt::decrypt(&backing, &dest, jobs.map(usize::from), kms_deadline),
+        Command::Cat { conf, kms, files } => data::cat::cat(&files, conf.as_deref(), &kms),
     }
 }
 

@@ -150,13 +150,19 @@ impl VolumeConfig {
             return Err(VolumeError::NoBackingDir(backing.to_path_buf()));
         }
         let path = config_path(backing);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
+        match fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(VolumeError::NotAVolume(backing.to_path_buf()));
+                Err(VolumeError::NotAVolume(backing.to_path_buf()))
             }
-            Err(e) => return Err(io(&path)(e)),
-        };
+            _ => Self::load_file(&path),
+        }
+    }
+
+    /// Read and validate a config file at any path (a volume's `earfs.conf`, or a copy
+    /// of it elsewhere, as `earfs cat --conf FILE` takes); no key needed.
+    pub fn load_file(path: &Path) -> Result<VolumeConfig, VolumeError> {
+        let path = path.to_path_buf();
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
         let bad = |reason: String| VolumeError::BadConfig {
             path: path.clone(),
             reason,
@@ -187,10 +193,19 @@ impl VolumeConfig {
         backing: &Path,
         provider: &dyn KeyProvider,
     ) -> Result<Keyring, VolumeError> {
-        let path = config_path(backing);
-        let keys = unwrap_all(&self.keyring, provider, &path)?;
+        self.unlock_file(&config_path(backing), provider)
+    }
+
+    /// [`Self::unlock`] for a config read with [`Self::load_file`] from `path` (which
+    /// only names it in errors).
+    pub fn unlock_file(
+        &self,
+        path: &Path,
+        provider: &dyn KeyProvider,
+    ) -> Result<Keyring, VolumeError> {
+        let keys = unwrap_all(&self.keyring, provider, path)?;
         if !self.verify(keys.current().1) {
-            return Err(VolumeError::ConfigMac(path));
+            return Err(VolumeError::ConfigMac(path.to_path_buf()));
         }
         Ok(keys)
     }

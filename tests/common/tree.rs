@@ -412,8 +412,10 @@ pub fn kill_points(counts: &BTreeMap<String, u64>, seed: u64, n: usize) -> Vec<(
 }
 
 /// Run `earfs ARGS` under strace, killed with SIGKILL on entering the `k`-th call of
-/// `syscall` (counted over all its threads). Returns the output (the command may
-/// have finished first if this run made fewer calls).
+/// `syscall` by any one thread (strace counts per thread, so with several workers a
+/// `k` near the total of [`syscall_counts`] may never come: give `--jobs 1`, or few
+/// workers, where the kill must land). Returns the output (the command may have
+/// finished first if no thread made `k` calls).
 pub fn run_killed(args: &[&str], syscall: &str, k: u64) -> Output {
     Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-e"])

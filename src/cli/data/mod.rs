@@ -29,6 +29,8 @@ use crate::volume::VolumeConfig;
 
 use super::kms::retry;
 
+pub(super) mod cat;
+pub(super) mod decrypt;
 pub(super) mod reencrypt;
 
 /// Seconds between the plain progress lines printed when stderr is not a terminal.
