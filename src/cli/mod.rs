@@ -471,7 +471,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Speed { json, seconds } => speed(json, seconds),
         Command::Adopt(args) => data::adopt::run(args),
-    },
         Command::Decrypt {
             jobs,
             kms_deadline,
