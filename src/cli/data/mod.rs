@@ -27,6 +27,8 @@ use crate::volume::VolumeConfig;
 
 use super::kms::retry;
 
+pub(super) mod fsck;
+
 /// Seconds between the plain progress lines printed when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
