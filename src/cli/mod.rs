@@ -11,7 +11,6 @@ use crate::kms::{DEFAULT_DEADLINE, ProviderSpec, Retry};
 use crate::volume::{self, VolumeConfig};
 
 mod change;
-#[allow(dead_code)] // the data commands land one by one
 mod data;
 mod files;
 mod import;
@@ -374,6 +373,18 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check a volume without mounting it: earfs.conf's MAC (keys unwrapped through the
+    /// KMS), every backing file's header (magic, format, flags, MAC, key version) and
+    /// length, blocks reserved past files' ends, and what interrupted commands left.
+    ///
+    /// Read-only unless --repair, which finishes or removes the leftovers (interrupted
+    /// rewrites, temporary files, a stale .earfs.conf.tmp) and frees blocks reserved past
+    /// the end; it needs the volume unmounted. It never changes a damaged file (it names
+    /// each one) and cannot finish an interrupted adopt or decrypt (it names the command
+    /// that does). Data sectors are not verified: XTS has no MAC. Exit codes are e2fsck's
+    /// bits: 0 clean, 1 repaired, 4 problems left, 8 operational error (or'ed: 5 = some
+    /// repaired, some left); 130 interrupted. See docs/operations.md.
+    Fsck(data::fsck::FsckArgs),
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
         /// Print JSON (bytes per second).
@@ -469,6 +480,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 kms_deadline,
             },
         ),
+        Command::Fsck(args) => data::fsck::run(args),
         Command::Speed { json, seconds } => speed(json, seconds),
         Command::Adopt(args) => data::adopt::run(args),
         Command::Decrypt {

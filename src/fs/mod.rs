@@ -4,6 +4,7 @@
 
 pub mod backing;
 pub mod census;
+pub mod check;
 pub mod copy;
 mod dir;
 mod error;

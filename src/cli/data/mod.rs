@@ -31,6 +31,7 @@ use super::kms::retry;
 
 pub(super) mod cat;
 pub(super) mod decrypt;
+pub(super) mod fsck;
 pub(super) mod reencrypt;
 
 /// Seconds between the plain progress lines printed when stderr is not a terminal.
