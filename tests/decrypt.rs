@@ -41,13 +41,7 @@ fn ok(args: &[&str]) -> Output {
 fn fill_through_mount(backing: &Path, src: &Path, mnt: &Path) {
     std::fs::create_dir_all(mnt).unwrap();
     let _m = mount_at(backing, mnt);
-    let out = Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(format!("{}/.", src.display()))
-        .arg(mnt)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cp into the mount: {}", stderr(&out));
+    copy_contents(src, mnt);
     // The mount's root: its times are the backing root's, not part of the manifest.
 }
 
@@ -150,25 +144,13 @@ fn decrypt_reads_format_1_and_2_files_under_two_key_versions() {
     std::fs::create_dir(&mnt).unwrap();
     {
         let _m = mount_at(&backing, &mnt);
-        let out = Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(&old)
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        copy_tree(&old, &mnt);
     }
     ok(&["upgrade", s(&backing)]);
     ok(&["rotate", s(&backing)]);
     {
         let _m = mount_at(&backing, &mnt);
-        let out = Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(&new)
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        copy_tree(&new, &mnt);
     }
     let info = ok(&["info", "--files", "--json", s(&backing)]);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();

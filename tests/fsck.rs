@@ -634,17 +634,7 @@ fn crash_start(dir: TestDir, src: &Path) -> Vol {
     let v = Vol::in_dir(dir, FileFormat::V2);
     {
         let _m = v.mount();
-        let out = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", src.display()))
-            .arg(&v.mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cp -a: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        copy_contents(src, &v.mnt);
     }
     ok(run(&["rotate", s(&v.backing)]), "rotate");
     let sparse = "base/sparse".to_string();

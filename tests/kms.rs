@@ -1510,35 +1510,6 @@ fn rewrap_names_each_missing_permission_of_either_key() {
     }
 }
 
-/// fio against `dir` with `args`, returning its exit status and output.
-fn fio(dir: &Path, args: &[&str]) -> std::process::Child {
-    std::process::Command::new("fio")
-        .arg(format!("--directory={}", dir.display()))
-        .args([
-            "--ioengine=psync",
-            "--bs=4k",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            // No verify state files in the working directory.
-            "--verify_state_save=0",
-        ])
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("fio (installed by scripts/deps-tier3.sh)")
-}
-
-fn fio_ok(child: std::process::Child) {
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn rewrap_from_aws_to_gcp_under_a_database_workload_then_the_old_key_goes() {
     let aws = Aws::new(false);

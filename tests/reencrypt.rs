@@ -12,10 +12,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::tree::{
-    Manifest, Tmpfs, assert_same, kill_points, make_tree, manifest, run_killed, syscall_counts,
-    was_killed,
+    Manifest, Tmpfs, assert_same, copy_contents, kill_points, make_tree, manifest, run_killed,
+    syscall_counts, was_killed,
 };
-use common::{MountGuard, TestDir, earfs, init_local_in, mount_at, run, wait_until};
+use common::{MountGuard, TestDir, earfs, fio, fio_ok, init_local_in, mount_at, run, wait_until};
 use earfs::content::FileFormat;
 use earfs::fs::census::census;
 use rand::{Rng, SeedableRng};
@@ -35,21 +35,6 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Copy the contents of `from` into the mounted `to` (`cp -a`, holes and links kept).
-fn copy_into(from: &Path, to: &Path) {
-    let out = Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cp: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A format-1 volume at `backing` (key file `key`) holding a seeded tree written through
 /// a mount at `mnt`, then upgraded to write format 2 and rotated to key version 2: every
 /// file is in format 1 under key version 1. Returns the tree's manifest.
@@ -63,7 +48,7 @@ fn old_volume(dir: &Path, backing: &Path, key: &Path, files: usize, max: usize) 
     std::fs::create_dir_all(&mnt).unwrap();
     {
         let _m = mount_at(backing, &mnt);
-        copy_into(&src, &mnt);
+        copy_contents(&src, &mnt);
         // The mount's root takes the tree root's metadata in the manifest comparisons.
         assert_same(
             &want,
@@ -225,34 +210,6 @@ fn a_full_disk_stops_reencrypt_cleanly_and_a_rerun_after_space_is_freed_finishes
     small.resize(128 << 20);
     ok(run(&["reencrypt", s(&b)]), "rerun with space");
     all_current(&b, 3);
-}
-
-/// `fio` on `dir` with crc32c verification (no state files left behind).
-fn fio(dir: &Path, args: &[&str]) -> std::process::Child {
-    Command::new("fio")
-        .arg(format!("--directory={}", dir.display()))
-        .args([
-            "--ioengine=psync",
-            "--bs=4k",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fio (installed by scripts/deps-tier3.sh)")
-}
-
-fn fio_ok(child: std::process::Child) {
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fio failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -82,14 +82,8 @@ impl Census {
             self.empty += 1;
             return Ok(());
         }
-        let mut h = vec![0u8; HEADER_LEN as usize];
-        let mut n = 0;
-        while n < h.len() {
-            match f.read(&mut h[n..])? {
-                0 => break,
-                k => n += k,
-            }
-        }
+        let h = read_header_block(&mut f)?;
+        let n = h.len();
         if header_never_written(&h[..n]) {
             self.no_header += 1;
             return Ok(());
@@ -124,6 +118,20 @@ impl Census {
             .copied()
             .unwrap_or(0)
     }
+}
+
+/// The first bytes of a backing file, up to one header block (fewer if it is shorter).
+pub fn read_header_block(f: &mut File) -> std::io::Result<Vec<u8>> {
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    let mut n = 0;
+    while n < h.len() {
+        match f.read(&mut h[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    h.truncate(n);
+    Ok(h)
 }
 
 /// Count the files under `backing`. `progress` is called every 1000 files. A file that

@@ -19,7 +19,7 @@ use crate::content::{
 };
 
 use super::backing;
-use super::rewrite::{self, Record, WORK_DIR};
+use super::rewrite::{self, Record, work_entries};
 
 /// What a damaged file is: a stable short name (`problem`, for scripts) and a line
 /// for a person (`reason`).
@@ -262,29 +262,19 @@ fn trim(f: &File, len: u64, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Re
 /// The records of trims ([`free_past_end`]) a crash interrupted: each record's path
 /// in the work directory and what it holds (a record that does not parse: `None`).
 pub fn pending_trims(root: &Path) -> std::io::Result<Vec<(PathBuf, Option<Record>)>> {
-    let work = root.join(WORK_DIR);
-    let entries = match std::fs::read_dir(&work) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for (name, path) in work_entries(root)? {
         if let Some(ino) = name
             .strip_prefix("trim-")
             .and_then(|n| n.strip_suffix(".json"))
         {
-            let text = std::fs::read(entry.path())?;
+            let text = std::fs::read(&path)?;
             let rec = serde_json::from_slice::<Record>(&text)
                 .ok()
                 .filter(|r| r.ino.to_string() == ino);
-            out.push((entry.path(), rec));
+            out.push((path, rec));
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 

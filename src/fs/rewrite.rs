@@ -85,6 +85,26 @@ pub fn create_new(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// The names (and paths) in the work directory of the volume at `root`, sorted by
+/// name; none if it does not exist.
+pub fn work_entries(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let entries = match std::fs::read_dir(root.join(WORK_DIR)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        out.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Write `bytes` to `path` atomically: a temporary file, synced, renamed over, and the
 /// directory synced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -257,27 +277,19 @@ pub fn pending(root: &Path) -> std::io::Result<(Vec<Record>, Vec<PathBuf>)> {
     let work = root.join(WORK_DIR);
     let mut records = Vec::new();
     let mut loose = Vec::new();
-    let entries = match std::fs::read_dir(&work) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((records, loose)),
-        Err(e) => return Err(e),
-    };
     let mut news = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for (name, path) in work_entries(root)? {
         if let Some(ino) = name
             .strip_prefix("rewrite-")
             .and_then(|n| n.strip_suffix(".json"))
         {
-            let text = std::fs::read(entry.path())?;
+            let text = std::fs::read(&path)?;
             match serde_json::from_slice::<Record>(&text) {
                 Ok(r) if r.ino.to_string() == ino => records.push(r),
-                _ => loose.push(entry.path()),
+                _ => loose.push(path),
             }
         } else if name.starts_with("rewrite-") {
-            news.push(entry.path());
+            news.push(path);
         }
     }
     for n in news {

@@ -330,3 +330,33 @@ pub fn python(code: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `fio` on `dir` with crc32c verification that fails at the first mismatch, and no
+/// verify state files left in the working directory; `args` name the job.
+pub fn fio(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .arg(format!("--directory={}", dir.display()))
+        .args([
+            "--ioengine=psync",
+            "--bs=4k",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio (installed by scripts/deps-tier3.sh)")
+}
+
+/// Wait for a [`fio`] run, which must succeed.
+pub fn fio_ok(child: std::process::Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -321,11 +321,10 @@ pub fn total_bytes(m: &Manifest) -> u64 {
         .sum()
 }
 
-/// Copy a directory tree exactly (`cp -a`, hard links and holes kept).
-pub fn copy_tree(from: &Path, to: &Path) {
+/// `cp -a --sparse=always ARGS…` (hard links and holes kept), which must succeed.
+fn cp_a(from: impl AsRef<std::ffi::OsStr>, to: &Path) {
     let out = Command::new("cp")
-        .arg("-a")
-        .arg("--sparse=always")
+        .args(["-a", "--sparse=always"])
         .arg(from)
         .arg(to)
         .output()
@@ -335,6 +334,18 @@ pub fn copy_tree(from: &Path, to: &Path) {
         "cp -a: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Copy a directory tree exactly (`cp -a`, hard links and holes kept): to `to`, or
+/// into it as its last name when `to` is a directory.
+pub fn copy_tree(from: &Path, to: &Path) {
+    cp_a(from, to);
+}
+
+/// Copy what is in the directory `from` into the existing directory `into` (a mount,
+/// usually): `cp -a FROM/. INTO`.
+pub fn copy_contents(from: &Path, into: &Path) {
+    cp_a(format!("{}/.", from.display()), into);
 }
 
 /// The system calls a kill may be injected into: those that change files and

@@ -166,22 +166,12 @@ impl OpRecord {
 
     /// The records of operations in progress (or interrupted) on the volume.
     pub fn list(backing: &Path) -> std::io::Result<Vec<OpRecord>> {
-        let dir = backing.join(rewrite::WORK_DIR);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
         let mut out = Vec::new();
-        for e in entries {
-            let e = e?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
+        for (name, path) in rewrite::work_entries(backing)? {
             if name.starts_with("op-") && name.ends_with(".json") {
-                let text = std::fs::read(e.path())?;
-                let rec = serde_json::from_slice(&text).map_err(|err| {
-                    std::io::Error::other(format!("{}: {err}", e.path().display()))
-                })?;
+                let text = std::fs::read(&path)?;
+                let rec = serde_json::from_slice(&text)
+                    .map_err(|err| std::io::Error::other(format!("{}: {err}", path.display())))?;
                 out.push(rec);
             }
         }

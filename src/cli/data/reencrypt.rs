@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -101,18 +100,11 @@ fn needs_rewrite(
     if len == 0 {
         return Ok(Ok(false));
     }
-    let mut h = vec![0u8; HEADER_LEN as usize];
-    let mut n = 0;
-    while n < h.len() {
-        match f.read(&mut h[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    if header_never_written(&h[..n]) {
+    let h = census::read_header_block(&mut f)?;
+    if header_never_written(&h) {
         return Ok(Ok(false));
     }
-    Ok(match header_names(&h[..n]) {
+    Ok(match header_names(&h) {
         Err(e) => Err(e.to_string()),
         Ok((f, _)) if backing_size_to_plain_size(f, len).is_none() => Err(format!(
             "a length of {len} bytes codes no size in format {}",
@@ -440,15 +432,9 @@ fn restore_dir_times(backing: &Path, dirs: &BTreeMap<PathBuf, Times>) -> Result<
 /// Remove new files a killed offline reencrypt left (not committed: the old file is
 /// whole under its old key).
 fn remove_stale_temps(backing: &Path) -> Result<(), Failure> {
-    let work = backing.join(rewrite::WORK_DIR);
-    let Ok(entries) = std::fs::read_dir(&work) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
+    for (name, path) in rewrite::work_entries(backing).map_err(|e| failed_at(backing, e))? {
         if name.starts_with("reencrypt-") && name.ends_with(".new") {
-            std::fs::remove_file(e.path()).map_err(|err| failed_at(&e.path(), err))?;
+            std::fs::remove_file(&path).map_err(|err| failed_at(&path, err))?;
         }
     }
     Ok(())
