@@ -32,7 +32,7 @@ use crate::cli::change::{canonical, daemon_of};
 use crate::content::{
     FileFormat, HEADER_LEN, backing_size_to_plain_size, header_names, header_never_written,
 };
-use crate::daemon::control::{RewriteRequest, request, request_reply};
+use crate::daemon::control::{RewriteRequest, request_reply};
 use crate::daemon::{self, Failure, exit};
 use crate::fs::copy::Keys;
 use crate::fs::rewrite::{self, Rewritten, copy_plain, create_new, rewrite_in_place};
@@ -559,7 +559,5 @@ fn online(backing: &Path, format: FileFormat, key: u32, o: &Options) -> Result<(
     }
     progress.finish("rewrote");
     let skipped: Vec<PathBuf> = todo.iter().map(|j| j.rel.clone()).collect();
-    // Tell the daemon nothing else; check that it is still there to serve.
-    let _ = request(&sock, "status", Duration::from_secs(10));
     finish(backing, &found, rewritten, &skipped, key, format, o)
 }
