@@ -2,7 +2,7 @@
 # Speed of the data commands against `cp -a` of the same tree on the same disk, in one
 # run (issue 10: adopt, reencrypt and decrypt at no less than 0.7x cp -a).
 #
-#   scripts/bench-data.sh [SIZE_MIB]     (default 2048: a 2 GiB tree)
+#   scripts/bench-data.sh [SIZE_MIB] [ROUNDS]   (defaults: 2048, a 2 GiB tree; 3 rounds)
 #
 # The tree mixes file sizes as a database directory does: a few 128 MiB files (table
 # segments), 8 MiB files (WAL segments), 256 KiB files and many small ones. Each
@@ -18,6 +18,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EARFS_BIN="${EARFS_BIN:-$repo/target/release/earfs}"
 size_mib="${1:-2048}"
+rounds="${2:-3}"
 [[ -x "$EARFS_BIN" ]] || { echo "build first: cargo build --release" >&2; exit 1; }
 work="${BENCH_DIR:-$(mktemp -d /var/tmp/earfs-bench-data.XXXXXX)}"
 mkdir -p "$work"
@@ -65,30 +66,43 @@ t() { # t NAME CMD...: run, print seconds
     s=$(date +%s.%N)
     "${@:2}" >/dev/null
     e=$(date +%s.%N)
-    printf '%s %.2f\n' "$1" "$(echo "$e - $s" | bc -l)" | tee -a "$work/times"
+    printf '%s %s %.2f\n' "$round" "$1" "$(echo "$e - $s" | bc -l)" | tee -a "$work/times"
 }
 
-t cp_a cp -a "$work/src" "$work/cp1"
-t cp_a_sync bash -c "cp -a '$work/src' '$work/cp2' && sync"
-rm -rf "$work/cp1" "$work/cp2"
-
-cp -a "$work/src" "$work/adopt-src"
+# Each round times the baselines and the commands one after the other, so that each
+# ratio compares runs seconds apart: on a shared machine the disk's speed drifts by
+# more than the differences measured here over minutes.
 key="$work/key"
-t adopt "$EARFS_BIN" adopt --kms local --key-file "$key" "$work/adopt-src" "$work/vol"
-"$EARFS_BIN" rotate "$work/vol" >/dev/null
-t reencrypt "$EARFS_BIN" reencrypt "$work/vol"
-t decrypt "$EARFS_BIN" decrypt "$work/vol" "$work/plain"
-# The decrypted tree is the original, byte for byte.
-diff -r "$work/src" "$work/plain" >/dev/null || { echo "FAIL: decrypt differs from the source" >&2; exit 1; }
+for round in $(seq 1 "$rounds"); do
+    rm -rf "$work/cp1" "$work/cp2" "$work/adopt-src" "$work/vol" "$work/plain" "$key"
+    t cp_a cp -a "$work/src" "$work/cp1"
+    t cp_a_sync bash -c "cp -a '$work/src' '$work/cp2' && sync"
+    rm -rf "$work/cp1" "$work/cp2"
+    cp -a "$work/src" "$work/adopt-src"
+    t adopt "$EARFS_BIN" adopt --kms local --key-file "$key" "$work/adopt-src" "$work/vol"
+    "$EARFS_BIN" rotate "$work/vol" >/dev/null
+    t reencrypt "$EARFS_BIN" reencrypt "$work/vol"
+    t decrypt "$EARFS_BIN" decrypt "$work/vol" "$work/plain"
+    # The decrypted tree is the original, byte for byte.
+    diff -r "$work/src" "$work/plain" >/dev/null || { echo "FAIL: decrypt differs from the source" >&2; exit 1; }
+done
 
-awk -v mib="$size_mib" '
-    { t[$1] = $2 }
-    END {
-        printf "\n%-10s %8s %10s %14s %19s\n", "command", "seconds", "MiB/s", "vs cp -a", "vs cp -a + sync"
-        n = split("cp_a cp_a_sync adopt reencrypt decrypt", k, " ")
-        for (i = 1; i <= n; i++) {
-            c = k[i]
-            printf "%-10s %8.2f %10.0f %13.2fx %18.2fx\n", c, t[c], mib / t[c], t["cp_a"] / t[c], t["cp_a_sync"] / t[c]
-        }
-        print "\n(ratios: cp -a time / command time, higher is faster; the target is >= 0.7)"
-    }' "$work/times"
+# Per command: the median time, and the median over the rounds of cp -a's time in
+# that round / the command's.
+python3 - "$work/times" "$size_mib" <<'EOF2'
+import statistics, sys
+times, mib = {}, int(sys.argv[2])
+for line in open(sys.argv[1]):
+    r, name, secs = line.split()
+    times.setdefault(int(r), {})[name] = float(secs)
+rounds = sorted(times)
+print(f"\n{len(rounds)} round(s); medians:")
+print(f"{'command':<10} {'seconds':>8} {'MiB/s':>7} {'vs cp -a':>9} {'vs cp -a + sync':>16}   per round vs cp -a")
+for c in ["cp_a", "cp_a_sync", "adopt", "reencrypt", "decrypt"]:
+    secs = statistics.median(times[r][c] for r in rounds)
+    vs = [times[r]["cp_a"] / times[r][c] for r in rounds]
+    vs_sync = [times[r]["cp_a_sync"] / times[r][c] for r in rounds]
+    each = " ".join(f"{v:.2f}" for v in vs)
+    print(f"{c:<10} {secs:8.2f} {mib / secs:7.0f} {statistics.median(vs):8.2f}x {statistics.median(vs_sync):15.2f}x   {each}")
+print("\n(ratios: cp -a time / command time, higher is faster; the target is >= 0.7)")
+EOF2
