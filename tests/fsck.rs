@@ -501,6 +501,7 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
         fs::write(v.m("other"), patterned(50_000, 6)).unwrap();
         fs::write(v.m("reserved"), patterned(9_000, 7)).unwrap();
         fs::write(v.m("small"), b"17 bytes of data.").unwrap();
+        fs::create_dir(v.m("sub")).unwrap();
     }
     let want = read_all(&v, &names);
     ok(run(&["rotate", s(&v.backing)]), "rotate");
@@ -510,6 +511,11 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
     let work = v.b(".earfs-work");
     fs::write(work.join("adopt-1.new"), b"half an adopted file").unwrap();
     fs::write(work.join("reencrypt-77.new"), b"half a reencrypted file").unwrap();
+    // An offline reencrypt killed after a rename into `sub`, before it put the
+    // directory's times back.
+    let sub_times = ((1_500_000_000i64, 7i64), (1_500_000_001i64, 123_456_789i64));
+    let dirs = serde_json::json!({ "sub": sub_times });
+    fs::write(work.join("reencrypt-dirs.json"), dirs.to_string()).unwrap();
     let op = serde_json::json!({
         "op": "decrypt",
         "command": format!("earfs decrypt {} /restore/plain", v.backing.display()),
@@ -532,6 +538,10 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
         ("config-tmp", ".earfs.conf.tmp".to_string()),
         ("interrupted-op", ".earfs-work/op-decrypt.json".into()),
         (
+            "reencrypt-dir-times",
+            ".earfs-work/reencrypt-dirs.json".into(),
+        ),
+        (
             "rewrite-committed",
             format!(".earfs-work/rewrite-{ino_big}.json"),
         ),
@@ -547,7 +557,7 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
     .map(|(k, p)| (k.to_string(), p))
     .collect();
     assert_eq!(kinds, want_kinds, "{r:#}");
-    assert_eq!(r["problems_left"], 6, "{r:#}");
+    assert_eq!(r["problems_left"], 7, "{r:#}");
     // The half-copied file is not called damaged: it is being rewritten.
     assert_eq!(damaged_of(&r), BTreeMap::new(), "{r:#}");
     assert_eq!(r["counts"]["being_rewritten"], 1);
@@ -576,11 +586,11 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
     // --repair: all but the decrypt's record repaired: 1 | 4.
     let (code, r) = fsck_json(&v.backing, &["--repair"]);
     assert_eq!(code, 5, "{r:#}");
-    assert_eq!(r["repaired"], 6, "{r:#}");
+    assert_eq!(r["repaired"], 7, "{r:#}");
     assert_eq!(r["problems_left"], 1, "{r:#}");
     for l in r["leftovers"].as_array().unwrap() {
         let want_repair = match l["kind"].as_str().unwrap() {
-            "rewrite-committed" => Value::from("completed"),
+            "rewrite-committed" | "reencrypt-dir-times" => Value::from("completed"),
             "interrupted-op" | "unknown" => Value::Null,
             _ => Value::from("removed"),
         };
@@ -588,6 +598,12 @@ fn leftovers_are_reported_then_repaired_except_an_interrupted_decrypt() {
         assert_eq!(l["problem"], l["kind"] == "interrupted-op", "{l:#}");
     }
     assert_eq!(r["reserved_past_end"][0]["freed"], true, "{r:#}");
+    let sub = fs::metadata(v.b("sub")).unwrap();
+    assert_eq!(
+        times(&sub).1,
+        sub_times.1,
+        "the directory's recorded mtime put back"
+    );
     assert_eq!(r["counts"]["being_rewritten"], 0);
     assert_eq!(damaged_of(&r), BTreeMap::new());
     // The rewritten file took the current key version (2); the others kept 1.

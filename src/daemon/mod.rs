@@ -536,6 +536,9 @@ fn finish_rewrites(backing: &Path) -> Result<(), Failure> {
     for p in &done.completed {
         log::warn!("finished the interrupted rewrite of {}", p.display());
     }
+    if done.dir_times_restored {
+        log::info!("gave the directories back the times an interrupted reencrypt had changed");
+    }
     if done.rolled_back > 0 {
         log::info!(
             "removed {} unfinished rewrite(s) of an interrupted reencrypt",

@@ -19,7 +19,13 @@
 //! copied, which [`finish_pending`] completes from the `.new` file (a byte copy that
 //! needs no key). The daemon runs it before it serves a volume and every data command
 //! before it starts, so a half-copied file is never read.
+//!
+//! An offline `earfs reencrypt` leaves two more kinds of leftovers, which
+//! [`finish_pending`] cleans up as well: `reencrypt-INO.new` (a new file not yet renamed
+//! over its target, which is whole) and [`DIR_TIMES`], the directories' times from
+//! before its renames (put back, so a mount after a kill shows them unchanged).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -39,6 +45,13 @@ use super::{EarFs, FileKind, Inode, ROOT_ID, is_reserved_root_name, proc_path};
 
 /// The data commands' work directory at the backing root (hidden from the mount).
 pub const WORK_DIR: &str = ".earfs-work";
+
+/// In the work directory: every directory's times before an offline `reencrypt`
+/// renamed files into them, by path under the root (the root's as "").
+pub const DIR_TIMES: &str = "reencrypt-dirs.json";
+
+/// A directory's access and modification times, `(seconds, nanoseconds)` each.
+pub type Times = ((i64, i64), (i64, i64));
 
 /// The commit record of one in-place rewrite.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -152,7 +165,21 @@ pub fn times_of(m: &std::fs::Metadata) -> ((i64, i64), (i64, i64)) {
 
 /// Set the access and modification times of `f`.
 pub fn set_times(f: &File, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
-    let ts = Timestamps {
+    Ok(rustix::fs::futimens(f, &timestamps(atime, mtime))?)
+}
+
+/// Set the access and modification times of `path` (not following a symlink there).
+pub fn set_times_at(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
+    Ok(rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &timestamps(atime, mtime),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?)
+}
+
+fn timestamps(atime: (i64, i64), mtime: (i64, i64)) -> Timestamps {
+    Timestamps {
         last_access: Timespec {
             tv_sec: atime.0,
             tv_nsec: atime.1,
@@ -161,8 +188,7 @@ pub fn set_times(f: &File, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Res
             tv_sec: mtime.0,
             tv_nsec: mtime.1,
         },
-    };
-    Ok(rustix::fs::futimens(f, &ts)?)
+    }
 }
 
 fn names(work: &Path, ino: u64) -> (PathBuf, PathBuf) {
@@ -269,6 +295,70 @@ pub struct Finished {
     pub rolled_back: usize,
     /// Committed rewrites whose target is gone (deleted since): their files were removed.
     pub target_gone: Vec<PathBuf>,
+    /// Directories whose times an interrupted offline reencrypt had recorded were given
+    /// them back.
+    pub dir_times_restored: bool,
+}
+
+/// Record the directories' times (atomically) in the work directory of `root`.
+pub fn record_dir_times(root: &Path, dirs: &BTreeMap<PathBuf, Times>) -> std::io::Result<()> {
+    let json = serde_json::to_vec(dirs).map_err(std::io::Error::other)?;
+    write_atomic(&work_dir(root)?.join(DIR_TIMES), &json)
+}
+
+/// Give the directory `rel` under `root` its times from `dirs` (if recorded and there).
+pub fn restore_dir(
+    root: &Path,
+    rel: &Path,
+    dirs: &BTreeMap<PathBuf, Times>,
+) -> std::io::Result<()> {
+    let Some((atime, mtime)) = dirs.get(rel) else {
+        return Ok(());
+    };
+    match set_times_at(&root.join(rel), *atime, *mtime) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Give every recorded directory its times back, sync each, then remove the record
+/// and sync the work directory. The error names the directory.
+pub fn end_dir_times(root: &Path, dirs: &BTreeMap<PathBuf, Times>) -> std::io::Result<()> {
+    let named = |p: &Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+    };
+    for rel in dirs.keys() {
+        let path = root.join(rel);
+        restore_dir(root, rel, dirs).map_err(|e| named(&path, e))?;
+        match File::open(&path).and_then(|d| d.sync_all()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.map_err(|e| named(&path, e))?,
+        }
+    }
+    let work = root.join(WORK_DIR);
+    let rec = work.join(DIR_TIMES);
+    match std::fs::remove_file(&rec) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        r => r.map_err(|e| named(&rec, e))?,
+    }
+    File::open(&work)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| named(&work, e))
+}
+
+/// The directories' times an interrupted offline reencrypt recorded, if any.
+pub fn pending_dir_times(root: &Path) -> std::io::Result<Option<BTreeMap<PathBuf, Times>>> {
+    let rec = root.join(WORK_DIR).join(DIR_TIMES);
+    match std::fs::read(&rec) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", rec.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The rewrites an interrupted run left in the volume at `root`: committed ones
@@ -302,10 +392,23 @@ pub fn pending(root: &Path) -> std::io::Result<(Vec<Record>, Vec<PathBuf>)> {
 }
 
 /// Finish what interrupted rewrites left in the volume at `root`: complete every
-/// committed one from its new file and remove the rest. Needs no key.
+/// committed one from its new file and remove the rest (an offline reencrypt's new
+/// files too), and give the directories back the times an offline reencrypt
+/// recorded. Needs no key.
 pub fn finish_pending(root: &Path) -> std::io::Result<Finished> {
-    let (records, loose) = pending(root)?;
+    let (records, mut loose) = pending(root)?;
+    // An offline reencrypt's new files not renamed over their targets (whole).
+    for (name, path) in work_entries(root)? {
+        if name.starts_with("reencrypt-") && name.ends_with(".new") {
+            loose.push(path);
+        }
+    }
+    let dir_times = pending_dir_times(root)?;
     let mut done = Finished::default();
+    if let Some(dirs) = &dir_times {
+        end_dir_times(root, dirs)?;
+        done.dir_times_restored = true;
+    }
     if records.is_empty() && loose.is_empty() {
         return Ok(done);
     }

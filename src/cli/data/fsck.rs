@@ -34,7 +34,7 @@ use crate::cli::kms::{node_spec, retry};
 use crate::content::Keyring;
 use crate::daemon::{self, Failure};
 use crate::fs::check::{self, Verdict};
-use crate::fs::rewrite::{self, WORK_DIR};
+use crate::fs::rewrite::{self, DIR_TIMES, WORK_DIR};
 use crate::kms::DEFAULT_DEADLINE;
 use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME, VolumeConfig, VolumeError};
 
@@ -174,7 +174,8 @@ struct PastEnd {
 #[derive(Debug, Serialize)]
 struct Leftover {
     /// "rewrite-committed", "rewrite-uncommitted", "temp-file", "interrupted-op",
-    /// "interrupted-trim", "config-tmp", "unknown".
+    /// "interrupted-trim", "reencrypt-dir-times", "config-tmp",
+    /// "unknown".
     kind: &'static str,
     /// Relative to the backing directory.
     path: PathBuf,
@@ -484,6 +485,22 @@ fn find_leftovers(backing: &Path, r: &mut Report) -> Found {
         names.sort_by_key(|e| e.file_name());
         for e in names {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name == DIR_TIMES {
+                let i = push(
+                    r,
+                    Leftover {
+                        kind: "reencrypt-dir-times",
+                        path: rel(&e.path(), backing),
+                        detail: "the directories' times from before an interrupted offline reencrypt renamed files into them: some may show the time of a rename".into(),
+                        command: None,
+                        fix: Some("puts the directories' times back"),
+                        repair: None,
+                        problem: true,
+                    },
+                );
+                found.rewrites.push(i);
+                continue;
+            }
             let known = name.starts_with("rewrite-")
                 || (name.starts_with("trim-") && name.ends_with(".json"))
                 || (name.starts_with("op-") && name.ends_with(".json"));
@@ -593,6 +610,7 @@ fn repair_leftovers(backing: &Path, found: &mut Found, r: &mut Report) {
                     .is_some_and(|(rec, _)| gone.contains(&rec.path));
                 let what = match r.leftovers.get(i).map(|l| l.kind) {
                     Some("rewrite-committed") if !target_gone => "completed",
+                    Some("reencrypt-dir-times") => "completed",
                     _ => "removed",
                 };
                 mark(r, i, what);

@@ -107,6 +107,9 @@ pub(super) fn finish_rewrites(backing: &Path) -> Result<(), Failure> {
     for p in &done.completed {
         eprintln!("finished the interrupted rewrite of {}", p.display());
     }
+    if done.dir_times_restored {
+        eprintln!("gave the directories back the times an interrupted reencrypt had changed");
+    }
     Ok(())
 }
 

@@ -20,13 +20,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use serde_json::json;
 
 use super::{
     Offline, Progress, Rate, Stop, copy_meta, default_jobs, failed_at, human_bytes, parallel,
-    sync_dir,
 };
 use crate::cli::change::{canonical, daemon_of};
 use crate::content::{
@@ -35,7 +37,7 @@ use crate::content::{
 use crate::daemon::control::{RewriteRequest, request_reply};
 use crate::daemon::{self, Failure, exit};
 use crate::fs::copy::Keys;
-use crate::fs::rewrite::{self, Rewritten, copy_plain, create_new, rewrite_in_place};
+use crate::fs::rewrite::{self, Rewritten, Times, copy_plain, create_new, rewrite_in_place};
 use crate::fs::{census, is_reserved_root_name};
 use crate::volume::VolumeConfig;
 
@@ -64,20 +66,19 @@ struct Job {
     nlink: u64,
 }
 
-/// A directory's access and modification times, `(seconds, nanoseconds)` each.
-type Times = ((i64, i64), (i64, i64));
-
-/// The record of every directory's times before the first (interrupted) run, in the
-/// work directory: a rename into a directory changes its times, and they are put back
-/// from here after each rename, again by a rerun after a kill, and once more at the end
-/// (then the record goes).
-const DIR_TIMES: &str = "reencrypt-dirs.json";
-
-/// What the walk found.
+/// What the walk found: names and sizes only (no file is opened).
 #[derive(Debug, Default)]
-struct Found {
+struct Tree {
     /// Every directory's times (the root's as ""), by path under the root.
     dirs: BTreeMap<PathBuf, Times>,
+    /// Every regular file, each inode once, the biggest first.
+    files: Vec<Job>,
+}
+
+/// The files sorted out by their headers.
+#[derive(Debug, Default)]
+struct Found {
+    /// The files to rewrite.
     jobs: Vec<Job>,
     /// Files already in the volume's format under the current key (or without a header).
     current: u64,
@@ -97,10 +98,20 @@ fn needs_rewrite(
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let len = f.metadata()?.len();
+    classify(&mut f, len, format, current)
+}
+
+/// [`needs_rewrite`] of an open backing file of `len` bytes.
+fn classify(
+    f: &mut File,
+    len: u64,
+    format: FileFormat,
+    current: u32,
+) -> std::io::Result<Result<bool, String>> {
     if len == 0 {
         return Ok(Ok(false));
     }
-    let h = census::read_header_block(&mut f)?;
+    let h = census::read_header_block(f)?;
     if header_never_written(&h) {
         return Ok(Ok(false));
     }
@@ -114,15 +125,16 @@ fn needs_rewrite(
     })
 }
 
-/// Walk the backing tree under `root` for the files to rewrite (each inode once).
-fn walk(root: &Path, format: FileFormat, current: u32) -> Result<Found, Failure> {
-    let mut found = Found::default();
+/// Walk the backing tree under `root` for its directories and files (each inode once).
+/// Only names and sizes: the headers are read by the parallel workers.
+fn walk(root: &Path) -> Result<Tree, Failure> {
+    let mut tree = Tree::default();
     let mut seen = HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let meta = std::fs::metadata(&dir).map_err(|e| failed_at(&dir, e))?;
         let rel = dir.strip_prefix(root).unwrap_or(&dir).to_path_buf();
-        found.dirs.insert(rel, rewrite::times_of(&meta));
+        tree.dirs.insert(rel, rewrite::times_of(&meta));
         let entries = std::fs::read_dir(&dir).map_err(|e| failed_at(&dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| failed_at(&dir, e))?;
@@ -142,26 +154,102 @@ fn walk(root: &Path, format: FileFormat, current: u32) -> Result<Found, Failure>
             if !meta.is_file() || (meta.nlink() > 1 && !seen.insert((meta.dev(), meta.ino()))) {
                 continue;
             }
-            match needs_rewrite(&path, format, current) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(failed_at(&path, e)),
-                Ok(Err(why)) => found.damaged.push((path, why)),
-                Ok(Ok(false)) => found.current += 1,
-                Ok(Ok(true)) => {
-                    let size = meta.len().saturating_sub(HEADER_LEN);
-                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-                    found.jobs.push(Job {
-                        rel,
-                        size,
-                        nlink: meta.nlink(),
-                    });
-                }
-            }
+            tree.files.push(Job {
+                rel: path.strip_prefix(root).unwrap_or(&path).to_path_buf(),
+                size: meta.len().saturating_sub(HEADER_LEN),
+                nlink: meta.nlink(),
+            });
         }
     }
     // Big files first: the parallel workers then end together.
-    found.jobs.sort_by_key(|j| std::cmp::Reverse(j.size));
-    Ok(found)
+    tree.files.sort_by_key(|j| std::cmp::Reverse(j.size));
+    Ok(tree)
+}
+
+/// What one file's header says.
+enum Sorted {
+    Rewrite,
+    Current,
+    Damaged(String),
+}
+
+/// Tally of the files sorted out, shared by the parallel workers.
+#[derive(Default)]
+struct Tally {
+    jobs: Mutex<Vec<Job>>,
+    current: AtomicU64,
+    damaged: Mutex<Vec<(PathBuf, String)>>,
+}
+
+impl Tally {
+    fn add(&self, root: &Path, job: &Job, sorted: Sorted) {
+        match sorted {
+            Sorted::Rewrite => self.jobs.lock().push(Job {
+                rel: job.rel.clone(),
+                size: job.size,
+                nlink: job.nlink,
+            }),
+            Sorted::Current => {
+                self.current.fetch_add(1, Ordering::Relaxed);
+            }
+            Sorted::Damaged(why) => self.damaged.lock().push((root.join(&job.rel), why)),
+        }
+    }
+
+    fn found(self) -> Found {
+        let mut jobs = self.jobs.into_inner();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.size));
+        let mut damaged = self.damaged.into_inner();
+        damaged.sort();
+        Found {
+            jobs,
+            current: self.current.into_inner(),
+            damaged,
+        }
+    }
+}
+
+/// Sort a header's verdict (`None`: the file is gone).
+fn sorted(
+    r: std::io::Result<Result<bool, String>>,
+    path: &Path,
+) -> Result<Option<Sorted>, Failure> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed_at(path, e)),
+        Ok(Err(why)) => Ok(Some(Sorted::Damaged(why))),
+        Ok(Ok(false)) => Ok(Some(Sorted::Current)),
+        Ok(Ok(true)) => Ok(Some(Sorted::Rewrite)),
+    }
+}
+
+/// Read every file's header, in parallel (on a cold cache each is a disk read), and
+/// sort the files out.
+fn sort_out(
+    root: &Path,
+    tree: &Tree,
+    format: FileFormat,
+    current: u32,
+    o: &Options,
+    stop: &Stop,
+) -> Result<Found, Failure> {
+    let tally = Tally::default();
+    parallel(
+        &tree.files,
+        o.jobs.unwrap_or_else(default_jobs),
+        stop,
+        |job| {
+            let path = root.join(&job.rel);
+            if let Some(s) = sorted(needs_rewrite(&path, format, current), &path)? {
+                tally.add(root, job, s);
+            }
+            Ok(())
+        },
+    )?;
+    if stop.requested() {
+        return Err(stop.failure("reencrypt", "no file rewritten yet"));
+    }
+    Ok(tally.found())
 }
 
 /// `earfs reencrypt TARGET`.
@@ -207,16 +295,19 @@ fn summary_json(
 }
 
 /// Print the damaged files and what is left: the exit is 0 only when every file is now
-/// in the volume's format under the current key.
+/// in the volume's format under the current key. `skipped_open`: `None` offline (no
+/// file can be open), the files left open on a mounted volume.
 fn finish(
     backing: &Path,
     found: &Found,
     rewritten: u64,
-    skipped_open: &[PathBuf],
+    skipped_open: Option<&[PathBuf]>,
     key: u32,
     format: FileFormat,
     o: &Options,
 ) -> Result<(), Failure> {
+    let mounted = skipped_open.is_some();
+    let skipped_open = skipped_open.unwrap_or_default();
     if o.json {
         println!(
             "{}",
@@ -255,13 +346,19 @@ fn finish(
         ));
     }
     if !o.json {
-        let c = census::census(backing, |_| {}).map_err(|e| failed_at(backing, e))?;
-        let old: Vec<String> = c
-            .key_versions
-            .iter()
-            .filter(|(v, n)| **n > 0 && v.as_str() != key.to_string())
-            .map(|(v, n)| format!("version {v}: {n}"))
-            .collect();
+        // Mounted, files may have been written meanwhile (in the current version, but a
+        // backing file may have been put in place): count them all again. Offline, under
+        // the volume's lock, every file was looked at and none is left on another.
+        let old: Vec<String> = if mounted {
+            let c = census::census(backing, |_| {}).map_err(|e| failed_at(backing, e))?;
+            c.key_versions
+                .iter()
+                .filter(|(v, n)| **n > 0 && v.as_str() != key.to_string())
+                .map(|(v, n)| format!("version {v}: {n}"))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let retirable: Vec<u32> = VolumeConfig::load(backing)
             .map(|cfg| {
                 cfg.keyring
@@ -317,7 +414,8 @@ fn dry_run(found: &Found, key: u32, format: FileFormat, o: &Options) {
     }
 }
 
-/// Not mounted: rewrite under the volume's lock.
+/// Not mounted: rewrite under the volume's lock. The workers read each file's header
+/// themselves, so that the walk opens no file.
 fn offline(backing: &Path, lock: File, o: &Options) -> Result<(), Failure> {
     daemon::protect_key_material();
     let cfg = VolumeConfig::load(backing)?;
@@ -326,20 +424,27 @@ fn offline(backing: &Path, lock: File, o: &Options) -> Result<(), Failure> {
     let vol = Offline::with_keys(backing, cfg, keyring, lock)?;
     let keys = &vol.keys;
     let key = keys.current_version();
-    remove_stale_temps(backing)?;
-    let found = walk(backing, keys.format(), key)?;
+    let format = keys.format();
+    // What a killed run left (new files not renamed, directory times) is cleaned up by
+    // now: `Offline` finished it, as the daemon does before it serves.
+    let tree = walk(backing)?;
+    let stop = Stop::on_signals();
     if o.dry_run {
-        dry_run(&found, key, keys.format(), o);
+        let found = sort_out(backing, &tree, format, key, o, &stop)?;
+        dry_run(&found, key, format, o);
         return Ok(());
     }
-    let stop = Stop::on_signals();
-    let bytes: u64 = found.jobs.iter().map(|j| j.size).sum();
-    let progress = Progress::new("reencrypt", found.jobs.len() as u64, bytes);
+    let bytes: u64 = tree.files.iter().map(|j| j.size).sum();
+    let progress = Progress::new("reencrypt", tree.files.len() as u64, bytes);
     let rate = o.rate.map(Rate::new);
     let work = rewrite::work_dir(backing).map_err(|e| failed_at(backing, e))?;
-    let dirs = dir_times(backing, &work, &found.dirs)?;
+    // A rename into a directory changes its times: they are put back from this record
+    // after each rename, by whatever runs first after a kill, and at the end.
+    let dirs = &tree.dirs;
+    rewrite::record_dir_times(backing, dirs).map_err(|e| failed_at(&work, e))?;
+    let tally = Tally::default();
     let done = parallel(
-        &found.jobs,
+        &tree.files,
         o.jobs.unwrap_or_else(default_jobs),
         &stop,
         |job| {
@@ -349,7 +454,13 @@ fn offline(backing: &Path, lock: File, o: &Options) -> Result<(), Failure> {
                     r.take(n);
                 }
             };
-            rewrite_offline(backing, &work, keys, job, &dirs, each)?;
+            let sorted = rewrite_offline(backing, &work, keys, job, dirs, each)?;
+            if let Some(s) = sorted {
+                if !matches!(s, Sorted::Rewrite) {
+                    progress.bytes(job.size);
+                }
+                tally.add(backing, job, s);
+            }
             progress.file();
             Ok(())
         },
@@ -358,89 +469,41 @@ fn offline(backing: &Path, lock: File, o: &Options) -> Result<(), Failure> {
         progress.abandon();
         return Err(e);
     }
+    let found = tally.found();
     if stop.requested() {
         progress.abandon();
         return Err(stop.failure(
             "reencrypt",
             &format!(
-                "{} of {} files rewritten",
+                "{} of {} files looked at, {} rewritten",
                 progress.files_done(),
+                tree.files.len(),
                 found.jobs.len()
             ),
         ));
     }
-    progress.finish("rewrote");
-    restore_dir_times(backing, &dirs)?;
-    let rec = work.join(DIR_TIMES);
-    std::fs::remove_file(&rec).map_err(|e| failed_at(&rec, e))?;
-    sync_dir(&work).map_err(|e| failed_at(&work, e))?;
+    progress.finish("checked");
+    // The renames are made durable here, once for all (each directory synced): each new
+    // file was synced before its rename, so until then a power cut leaves either name
+    // whole.
+    rewrite::end_dir_times(backing, dirs)
+        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    // Under the volume's lock nothing else wrote: the tally is the whole volume.
     finish(
         backing,
         &found,
         found.jobs.len() as u64,
-        &[],
+        None,
         key,
-        keys.format(),
+        format,
         o,
     )
 }
 
-/// The directories' times before the first run: from the record an interrupted run
-/// left (and put back now), or from this walk (and recorded).
-fn dir_times(
-    backing: &Path,
-    work: &Path,
-    walked: &BTreeMap<PathBuf, Times>,
-) -> Result<BTreeMap<PathBuf, Times>, Failure> {
-    let rec = work.join(DIR_TIMES);
-    match std::fs::read(&rec) {
-        Ok(bytes) => {
-            let dirs: BTreeMap<PathBuf, Times> =
-                serde_json::from_slice(&bytes).map_err(|e| failed_at(&rec, e))?;
-            restore_dir_times(backing, &dirs)?;
-            Ok(dirs)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let json = serde_json::to_vec(walked).map_err(|e| failed_at(&rec, e))?;
-            rewrite::write_atomic(&rec, &json).map_err(|e| failed_at(&rec, e))?;
-            Ok(walked.clone())
-        }
-        Err(e) => Err(failed_at(&rec, e)),
-    }
-}
-
-/// Put back the times of the directory `rel` (if it is recorded and still there).
-fn restore_dir(backing: &Path, rel: &Path, dirs: &BTreeMap<PathBuf, Times>) -> Result<(), Failure> {
-    let Some((atime, mtime)) = dirs.get(rel) else {
-        return Ok(());
-    };
-    let path = backing.join(rel);
-    match File::open(&path) {
-        Ok(d) => rewrite::set_times(&d, *atime, *mtime).map_err(|e| failed_at(&path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(failed_at(&path, e)),
-    }
-}
-
-fn restore_dir_times(backing: &Path, dirs: &BTreeMap<PathBuf, Times>) -> Result<(), Failure> {
-    for rel in dirs.keys() {
-        restore_dir(backing, rel, dirs)?;
-    }
-    Ok(())
-}
-
-/// Remove new files a killed offline reencrypt left (not committed: the old file is
-/// whole under its old key).
-fn remove_stale_temps(backing: &Path) -> Result<(), Failure> {
-    for (name, path) in rewrite::work_entries(backing).map_err(|e| failed_at(backing, e))? {
-        if name.starts_with("reencrypt-") && name.ends_with(".new") {
-            std::fs::remove_file(&path).map_err(|err| failed_at(&path, err))?;
-        }
-    }
-    Ok(())
-}
-
-/// Rewrite one file of an unmounted volume.
+/// Look at one file of an unmounted volume and rewrite it if its header says so: a
+/// new file synced and renamed over it, the directory's times put back (it is synced
+/// once, at the end), or,
+/// with several names, in place. `None`: the file is gone.
 fn rewrite_offline(
     backing: &Path,
     work: &Path,
@@ -448,28 +511,33 @@ fn rewrite_offline(
     job: &Job,
     dirs: &BTreeMap<PathBuf, Times>,
     each: impl FnMut(u64),
-) -> Result<(), Failure> {
+) -> Result<Option<Sorted>, Failure> {
     let path = backing.join(&job.rel);
-    let open = || {
-        File::options()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-    };
-    let target = match open() {
+    let mut target = match File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+    {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(failed_at(&path, e)),
     };
     let meta = target.metadata().map_err(|e| failed_at(&path, e))?;
+    let (format, key) = (keys.format(), keys.current_version());
+    match sorted(classify(&mut target, meta.len(), format, key), &path)? {
+        Some(Sorted::Rewrite) => {}
+        other => return Ok(other),
+    }
     if meta.nlink() > 1 || job.nlink > 1 {
         // Every name must stay this inode: rewrite it in place, journaled.
-        return rewrite_in_place(backing, &job.rel, &target, keys, each)
-            .map_err(|e| failed_at(&path, e));
+        rewrite_in_place(backing, &job.rel, &target, keys, each)
+            .map_err(|e| failed_at(&path, e))?;
+        return Ok(Some(Sorted::Rewrite));
     }
+    // Named by the inode, one job each: a leftover of an earlier run was removed at the
+    // start.
     let new = work.join(format!("reencrypt-{}.new", meta.ino()));
-    let _ = std::fs::remove_file(&new);
     let written = (|| -> Result<(), Failure> {
         let src = keys.open(target, &path).map_err(|e| failed_at(&path, e))?;
         let f = create_new(&new).map_err(|e| failed_at(&new, e))?;
@@ -486,19 +554,20 @@ fn rewrite_offline(
     std::fs::rename(&new, &path).map_err(|e| failed_at(&path, e))?;
     // The rename changed the directory's times: put them back.
     let parent = job.rel.parent().unwrap_or(Path::new(""));
-    restore_dir(backing, parent, dirs)?;
-    sync_dir(path.parent().unwrap_or(backing)).map_err(|e| failed_at(&path, e))
+    rewrite::restore_dir(backing, parent, dirs).map_err(|e| failed_at(&backing.join(parent), e))?;
+    Ok(Some(Sorted::Rewrite))
 }
 
 /// Mounted: the daemon rewrites each file in place.
 fn online(backing: &Path, format: FileFormat, key: u32, o: &Options) -> Result<(), Failure> {
     let sock = daemon_of(backing)?;
-    let mut found = walk(backing, format, key)?;
+    let tree = walk(backing)?;
+    let stop = Stop::on_signals();
+    let mut found = sort_out(backing, &tree, format, key, o, &stop)?;
     if o.dry_run {
         dry_run(&found, key, format, o);
         return Ok(());
     }
-    let stop = Stop::on_signals();
     let bytes: u64 = found.jobs.iter().map(|j| j.size).sum();
     let progress = Progress::new("reencrypt (mounted)", found.jobs.len() as u64, bytes);
     let mut rewritten = 0u64;
@@ -559,5 +628,5 @@ fn online(backing: &Path, format: FileFormat, key: u32, o: &Options) -> Result<(
     }
     progress.finish("rewrote");
     let skipped: Vec<PathBuf> = todo.iter().map(|j| j.rel.clone()).collect();
-    finish(backing, &found, rewritten, &skipped, key, format, o)
+    finish(backing, &found, rewritten, Some(&skipped), key, format, o)
 }
