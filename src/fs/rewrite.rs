@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use rustix::fs::{Mode, OFlags};
 
 use super::backing;
-use super::copy::{CHUNK, Keys, Plain};
+use super::copy::{Keys, Plain, chunk_buf};
 use super::error::{FsError, FsResult};
 use super::file::clear_range;
 use super::{EarFs, FileKind, Inode, ROOT_ID, is_reserved_root_name, proc_path};
@@ -137,12 +137,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Copy `src`'s plaintext into `dst` (a new, empty backing file): its data ranges only,
 /// so holes stay holes, then its size. `each` is told the bytes of every chunk copied.
 pub fn copy_plain(src: &Plain<'_>, dst: &mut Plain<'_>, mut each: impl FnMut(u64)) -> FsResult<()> {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = chunk_buf(src.size());
     let mut off = 0;
     while let Some((start, end)) = src.next_data(off)? {
         let mut at = start;
         while at < end {
-            let want = ((end - at) as usize).min(CHUNK);
+            let want = ((end - at) as usize).min(buf.len());
             let n = src.read_at(at, &mut buf[..want])?;
             if n == 0 {
                 return Err(FsError::Os(Errno::IO));
@@ -252,7 +252,7 @@ pub fn rewrite_in_place(
 fn copy_over(from: &Path, target: &File) -> FsResult<()> {
     let src = File::open(from)?;
     let len = src.metadata()?.len();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = chunk_buf(len);
     let mut off = 0u64;
     while off < len {
         let start = match rustix::fs::seek(&src, SeekFrom::Data(off)) {
@@ -271,7 +271,7 @@ fn copy_over(from: &Path, target: &File) -> FsResult<()> {
         };
         let mut at = start;
         while at < end {
-            let want = ((end - at) as usize).min(CHUNK);
+            let want = ((end - at) as usize).min(buf.len());
             let n = src.read_at(&mut buf[..want], at)?;
             if n == 0 {
                 return Err(FsError::Os(Errno::IO));

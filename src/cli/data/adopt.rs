@@ -59,7 +59,7 @@ use super::{
 };
 use crate::content::{FileFormat, plain_size_to_backing_size};
 use crate::daemon::{self, Failure, exit};
-use crate::fs::copy::{CHUNK, Keys, plain_data_ranges};
+use crate::fs::copy::{CHUNK, Keys, chunk_buf, plain_data_ranges};
 use crate::fs::{FsError, is_reserved_root_name, rewrite};
 use crate::kms::{ProviderSpec, Retry};
 use crate::volume::{self, CONFIG_NAME, CONFIG_TMP_NAME, VolumeConfig};
@@ -1268,12 +1268,12 @@ fn copy_file(ctx: &Ctx<'_>, job: &Job, src_path: &Path, new: &Path) -> Result<()
     let f = rewrite::create_new(new).map_err(|e| fail(e.into()))?;
     let mut dst = ctx.keys.open(f, new).map_err(fail)?;
     let ranges = plain_data_ranges(&src, size).map_err(|e| at(src_path, e))?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = chunk_buf(size);
     let mut copied = 0;
     for (start, end) in ranges {
         let mut off = start;
         while off < end {
-            let want = ((end - off) as usize).min(CHUNK);
+            let want = ((end - off) as usize).min(buf.len());
             let n = src
                 .read_at(&mut buf[..want], off)
                 .map_err(|e| at(src_path, e))?;

@@ -48,7 +48,7 @@ use super::{
 };
 use crate::content::{FileFormat, backing_size_to_plain_size};
 use crate::daemon::{self, Failure, exit};
-use crate::fs::copy::CHUNK;
+use crate::fs::copy::chunk_buf;
 use crate::fs::{FsError, rewrite};
 
 /// The temp directory at DEST's root: files being written, and the marker.
@@ -586,7 +586,7 @@ impl Ctx<'_> {
             f
         };
         let mut hash = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = chunk_buf(size);
         let mut hashed = 0u64;
         let mut off = 0;
         let mut data = 0u64;
@@ -606,7 +606,7 @@ impl Ctx<'_> {
             hash_zeros(&mut hash, start - hashed);
             let mut at = start;
             while at < end {
-                let want = ((end - at) as usize).min(CHUNK);
+                let want = ((end - at) as usize).min(buf.len());
                 let n = match plain.read_at(at, &mut buf[..want]) {
                     Ok(0) => {
                         let _ = std::fs::remove_file(&tmp);
@@ -675,7 +675,7 @@ fn read_back(path: &Path, meta: &Metadata) -> std::io::Result<Vec<u8>> {
         Err(e) => return Err(e),
     };
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = chunk_buf(meta.len());
     loop {
         match f.read(&mut buf) {
             Ok(0) => break,
