@@ -1587,3 +1587,50 @@ fn rewrap_from_aws_to_gcp_under_a_database_workload_then_the_old_key_goes() {
     let (c, v) = check_json(&[s(&b)]);
     assert_eq!(c, 0, "{v}");
 }
+
+#[test]
+fn aws_config_records_another_endpoint_only_once_it_answers_for_the_same_key() {
+    let aws = Aws::new(false);
+    let (arn, _) = aws_key(&aws.fake, "alias/nodeconf");
+    let b = aws.dir.p("b");
+    let (code, _, err) = aws.init(&arn, &b);
+    assert_eq!(code, 0, "{err}");
+    let conf = b.join("earfs.conf");
+    let before = fs::read(&conf).unwrap();
+    // An endpoint where nothing answers: refused (KMS unavailable), nothing written.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, _, err) = earfs_out(&[
+        "config",
+        "--kms-deadline",
+        "2",
+        "--set",
+        &format!("kms.endpoint_url=http://127.0.0.1:{dead}"),
+        s(&b),
+    ]);
+    assert_eq!(code, 26, "{err}");
+    assert_eq!(fs::read(&conf).unwrap(), before);
+    // The same server by another name answers for the same key: recorded.
+    let by_name = aws.fake.url.replace("127.0.0.1", "localhost");
+    let (code, text, err) = earfs_out(&[
+        "config",
+        "--set",
+        &format!("kms.endpoint_url={by_name}"),
+        "--set",
+        "kms.profile=",
+        s(&b),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains(&format!("-> {by_name}")), "{text}");
+    let (code, json, _) = earfs_out(&["config", "--json", s(&b)]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["provider"], "aws");
+    assert_eq!(v["key"], arn.as_str());
+    assert_eq!(v["settings"]["kms.endpoint_url"], by_name.as_str());
+    // It still unwraps and authenticates through the recorded settings.
+    let (code, _, err) = earfs_out(&["kms-check", s(&b)]);
+    assert_eq!(code, 0, "{err}");
+}

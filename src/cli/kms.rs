@@ -190,11 +190,8 @@ pub(super) fn node_spec(args: &KmsArgs, source: &ProviderSpec) -> Result<Provide
 /// [kms] table (the local provider's "credentials" is its key file).
 pub(super) fn node_overrides(args: &KmsArgs) -> KmsOverrides {
     KmsOverrides {
-        credentials_file: args
-            .credentials
-            .as_deref()
-            .or(args.key_file.as_deref())
-            .map(daemon::absolute),
+        key_file: args.key_file.as_deref().map(daemon::absolute),
+        credentials_file: args.credentials.as_deref().map(daemon::absolute),
         profile: args.profile.clone(),
         region: args.region.clone(),
         endpoint_url: args.endpoint_url.clone(),

@@ -16,6 +16,7 @@ mod files;
 mod import;
 mod kms;
 mod mount;
+mod nodeconf;
 mod status;
 
 /// earfs: encryption at rest for database nodes (AES-256-XTS over FUSE, keys wrapped by your KMS).
@@ -261,6 +262,31 @@ pub enum Command {
         /// Backing directory of the volume.
         backing: PathBuf,
     },
+    /// Show or change this node's KMS settings recorded in BACKING's earfs.conf.
+    ///
+    /// Without --set: the provider, the key and the per-node settings. With --set: a
+    /// moved local key file, another endpoint, region, profile or credentials file is
+    /// recorded. The volume must not be mounted. The data keys are unwrapped through the
+    /// new settings first and the config's MAC checked with them, so settings that do not
+    /// work, or reach another key, are refused and nothing is written; then earfs.conf
+    /// is rewritten atomically under a new MAC. The key itself never changes this way
+    /// (that is `earfs rewrap`).
+    Config {
+        /// NAME=VALUE, repeatable; an empty VALUE unsets. Local: kms.key_file. AWS:
+        /// kms.region, kms.endpoint_url, kms.profile, kms.credentials_file. Google Cloud:
+        /// kms.credentials, kms.endpoint.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Print the settings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
+        #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
+              value_parser = crate::daemon::config::parse_deadline_seconds)]
+        kms_deadline: u64,
+        /// Backing directory of the volume.
+        backing: PathBuf,
+    },
     /// Show the key versions, which is current, the KMS key that wraps them, and how
     /// many files use each (read from the file headers; no key needed).
     Keys {
@@ -455,6 +481,12 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             kms_deadline,
             backing,
         } => change::retire_key(&backing, version, kms_deadline),
+        Command::Config {
+            set,
+            json,
+            kms_deadline,
+            backing,
+        } => nodeconf::run(&backing, &set, json, kms_deadline),
         Command::Keys { json, backing } => files::keys(&backing, json),
         Command::Info {
             json,

@@ -51,6 +51,10 @@ pub struct MountArgs {
     /// KMS credentials file for this node, over the one named at init (mode 0600).
     #[arg(long, value_name = "FILE")]
     pub credentials: Option<PathBuf>,
+    /// A local volume's key file, over the one recorded at init (e.g. after it moved;
+    /// `earfs config --set kms.key_file=FILE` records the new path).
+    #[arg(long, value_name = "FILE", conflicts_with = "credentials")]
+    pub key_file: Option<PathBuf>,
     /// Backing directory of the volume (holds earfs.conf and the encrypted files).
     pub backing: Option<PathBuf>,
     /// Empty directory to mount the plaintext view on.
@@ -119,6 +123,7 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
             .as_deref()
             .map(daemon::absolute)
             .or(file.kms.credentials_file.clone()),
+        key_file: a.key_file.as_deref().map(daemon::absolute),
         ..file.kms.clone()
     };
     if kms_overrides.credentials_file.is_none() {

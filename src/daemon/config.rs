@@ -234,6 +234,7 @@ impl FileConfig {
             metrics_address,
             stop_timeout,
             kms: KmsOverrides {
+                key_file: None,
                 credentials_file: raw.kms.credentials_file,
                 profile: raw.kms.profile,
                 region: raw.kms.region,

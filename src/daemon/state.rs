@@ -561,7 +561,12 @@ impl Shared {
                 s.log_level = l.filter();
                 log::set_max_level(s.log_level);
             }
-            s.kms_overrides = f.kms.clone();
+            // A key file given on the command line (`--key-file`) stays: the config file
+            // has no such setting.
+            s.kms_overrides = crate::kms::KmsOverrides {
+                key_file: s.kms_overrides.key_file.take(),
+                ..f.kms.clone()
+            };
             if let Some(d) = f.kms_deadline {
                 s.kms_retry = Retry::with_deadline(d);
             }

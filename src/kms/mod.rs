@@ -68,6 +68,8 @@ pub enum ProviderSpec {
 /// file, `/etc/earfs/NAME.toml`). The key itself cannot be overridden.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KmsOverrides {
+    /// A local volume's key file (`earfs mount --key-file`); refused for a cloud KMS.
+    pub key_file: Option<PathBuf>,
     pub credentials_file: Option<PathBuf>,
     pub profile: Option<String>,
     pub region: Option<String>,
@@ -95,7 +97,11 @@ impl ProviderSpec {
                     return Err(refuse("kms.endpoint_url"));
                 }
                 ProviderSpec::Local {
-                    key_file: o.credentials_file.clone().unwrap_or(key_file),
+                    key_file: o
+                        .key_file
+                        .clone()
+                        .or_else(|| o.credentials_file.clone())
+                        .unwrap_or(key_file),
                 }
             }
             ProviderSpec::Aws {
@@ -104,7 +110,7 @@ impl ProviderSpec {
                 endpoint_url,
                 profile,
                 credentials_file,
-            } => ProviderSpec::Aws {
+            } if o.key_file.is_none() => ProviderSpec::Aws {
                 key_arn,
                 region: o.region.clone().or(region),
                 endpoint_url: o.endpoint_url.clone().or(endpoint_url),
@@ -115,7 +121,7 @@ impl ProviderSpec {
                 key_resource,
                 credentials,
                 endpoint,
-            } => {
+            } if o.key_file.is_none() => {
                 if o.profile.is_some() {
                     return Err(refuse("kms.profile"));
                 }
@@ -127,6 +133,9 @@ impl ProviderSpec {
                     credentials: o.credentials_file.clone().or(credentials),
                     endpoint: o.endpoint_url.clone().or(endpoint),
                 }
+            }
+            ProviderSpec::Aws { .. } | ProviderSpec::Gcp { .. } => {
+                return Err(refuse("a key file (--key-file)"));
             }
         };
         spec.validate()?;
@@ -263,7 +272,7 @@ impl std::fmt::Display for KmsCall {
 #[derive(Debug, thiserror::Error)]
 pub enum KmsError {
     #[error(
-        "key file {0} does not exist; give the right --key-file, or run `earfs init` to create a volume and its key"
+        "key file {0} does not exist; if it moved, give it with `earfs mount --key-file FILE` or record its new path with `earfs config BACKING --set kms.key_file=FILE`; `earfs init` creates a new volume and its key"
     )]
     KeyFileMissing(PathBuf),
     #[error(

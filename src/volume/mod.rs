@@ -346,6 +346,39 @@ impl VolumeConfig {
         Ok(self.keyring.keys.len())
     }
 
+    /// Record other per-node settings of the same KMS key (`earfs config --set`): a
+    /// moved key file, another endpoint, region, profile or credentials file.
+    /// earfs.conf is rewritten atomically under a new MAC. `keys` are the volume's keys
+    /// from [`Self::unlock`], unwrapped through `spec` (which proves that the settings
+    /// work and that they reach the same key). The key itself cannot change this way.
+    pub fn set_node_settings(
+        &mut self,
+        backing: &Path,
+        keys: &Keyring,
+        spec: ProviderSpec,
+    ) -> Result<(), VolumeError> {
+        let path = config_path(backing);
+        if self.kms.name() != spec.name()
+            || (!matches!(spec, ProviderSpec::Local { .. }) && !same_key(&self.kms, &spec))
+        {
+            return Err(VolumeError::BadConfig {
+                path,
+                reason: format!(
+                    "{} is not {}: the key changes only with `earfs rewrap`",
+                    spec.key_reference(),
+                    self.kms.key_reference()
+                ),
+            });
+        }
+        let current = self.sealing_key(keys, path)?;
+        let mut next = self.clone();
+        next.kms = spec;
+        next.seal(current);
+        next.save(backing)?;
+        *self = next;
+        Ok(())
+    }
+
     /// Whether key `version` may be retired as far as the keyring goes: not the current
     /// one, and one the keyring has (no key needed; [`Self::retire`] checks it again).
     pub fn check_retirable(&self, backing: &Path, version: u32) -> Result<(), VolumeError> {
