@@ -1,8 +1,26 @@
 //! earfs: encryption at rest for database nodes. See DESIGN in docs/architecture.md.
 //!
-//! Layering (checked by scripts/check-layering.sh):
-//! `cli → daemon → fuse → fs → content → crypto`; `daemon → kms → crypto`;
-//! `daemon → volume → kms`; `fs → sys`. Nothing imports `cli` or `daemon`.
+//! # Layering
+//!
+//! The one list of the modules' allowed dependencies: `scripts/check-layering.sh` reads
+//! this table (a module may use itself and what its row names, nothing else), and
+//! `docs/architecture.md` points here.
+//!
+//! | module | may use |
+//! |---|---|
+//! | cli | daemon, fuse, fs, volume, kms, content, crypto, sys |
+//! | daemon | fuse, fs, volume, kms, content, crypto, sys |
+//! | fuse | fs |
+//! | fs | content, crypto, sys, volume (CONFIG_NAME, CONFIG_TMP_NAME only) |
+//! | volume | kms, crypto |
+//! | kms | crypto |
+//! | content | crypto |
+//! | crypto | sys |
+//! | sys | |
+//!
+//! Also checked: nothing imports `cli` or `daemon` (the table gives no row either);
+//! only `fuse` imports fuser; `unsafe` appears only in `sys`; `crypto` and `content`
+//! do no I/O (no files, sockets, processes or system calls outside their tests).
 
 #![deny(unsafe_code)]
 
