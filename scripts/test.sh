@@ -27,6 +27,7 @@ step "static checks"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 scripts/check-layering.sh
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 
 step "build"
 cargo build --release --all-targets

@@ -158,7 +158,7 @@ pub enum Command {
     /// --credentials, --profile, --region, --endpoint-url and (local) --key-file are this
     /// node's settings for the import's KMS key, as with `init --join`; --kms, --key-arn
     /// and --key-resource may only confirm that key. A mounted volume's daemon uses its
-    /// own settings (its config file's [kms] table): leave them out then.
+    /// own settings (its config file's `[kms]` table): leave them out then.
     ///
     /// Refused, with nothing written: another keyring (exit 11); an older export whose
     /// current version is behind this volume's; an export that lacks a version some

@@ -226,7 +226,7 @@ fn trim_record_path(work: &Path, ino: u64) -> PathBuf {
 /// its end; its length, content and times stay. Truncating to the same length frees
 /// them (ext4, xfs, tmpfs) but sets the modification time, which the mount shows as
 /// the file's: so its times are recorded first (`.earfs-work/trim-INO.json`, written
-/// atomically), put back after, and the record removed. [`finish_trims`] puts back
+/// atomically), put back after, and the record removed. [`finish_trim`] puts back
 /// the times of a trim a crash interrupted. The caller holds the volume's lock.
 pub fn free_past_end(root: &Path, rel: &Path) -> std::io::Result<()> {
     let path = root.join(rel);

@@ -1,6 +1,6 @@
 //! One backing file's plaintext outside a mount, for the data commands (`adopt`,
 //! `reencrypt`, `decrypt`, `cat`, `fsck`). They read and write backing files through
-//! the same content code as the mount ([`super::file`]), so a file they write is byte
+//! the same content code as the mount (`fs::file`), so a file they write is byte
 //! for byte a file the mount would write: the volume's format, the current key version,
 //! a fresh nonce, holes kept as holes.
 

@@ -1,6 +1,6 @@
 //! The only importer of fuser: a thin adapter from kernel requests to `crate::fs`.
 //! Every error is mapped to an errno in one exhaustive match ([`errno`]) and replied
-//! in one place ([`fail`]).
+//! in one place (`fail`).
 
 use std::ffi::OsStr;
 use std::io;

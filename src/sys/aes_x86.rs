@@ -1,7 +1,7 @@
 //! AES-256 / XTS kernels for x86-64 using AES-NI and VAES + AVX-512.
 //!
 //! Safe API: a [`Backend`] value can only be obtained through runtime CPU
-//! feature detection ([`Backend::new`] / [`Backend::best`]), so holding one
+//! feature detection ([`Backend::new`]), so holding one
 //! proves that the instructions it uses are available. All methods on it
 //! are safe and bounds-correct for any input length.
 //!
