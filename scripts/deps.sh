@@ -2,7 +2,7 @@
 # Installs what building and testing earfs needs on Debian: FUSE 3, strace (the fsync
 # test traces the daemon; tests/keyring_kill.rs kills the keyring commands at each
 # step through it), util-linux (setpriv), OpenSSL (the speed comparison), Python 3
-# (mmap and lock tests). Idempotent and quick when all is there.
+# (mmap and lock tests), shellcheck (the scripts' static check). Idempotent and quick when all is there.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -12,6 +12,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 command -v xxd >/dev/null || need+=(xxd)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v shellcheck >/dev/null || need+=(shellcheck)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

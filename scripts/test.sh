@@ -28,6 +28,7 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 scripts/check-layering.sh
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+shellcheck -x -P SCRIPTDIR scripts/*.sh scripts/tier3/*.sh scripts/lib/*.sh .ci/run
 
 step "build"
 cargo build --release --all-targets

@@ -12,6 +12,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=../lib/mountfs.sh
+# shellcheck source=../lib/mountfs.sh
 source "$here/../lib/mountfs.sh"
 
 BACKEND="${EARFS_FS:-earfs}"
