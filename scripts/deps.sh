@@ -16,7 +16,10 @@ command -v taskset >/dev/null || need+=(util-linux)
 # systemd-analyze (systemd; no running systemd needed).
 command -v mount >/dev/null || need+=(mount)
 command -v findmnt >/dev/null || need+=(util-linux)
-[ -x /usr/lib/systemd/system-generators/systemd-fstab-generator ] && command -v systemd-analyze >/dev/null || need+=(systemd)
+if [ ! -x /usr/lib/systemd/system-generators/systemd-fstab-generator ] ||
+  ! command -v systemd-analyze >/dev/null; then
+  need+=(systemd)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
