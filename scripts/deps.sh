@@ -13,6 +13,14 @@ command -v python3 >/dev/null || need+=(python3)
 command -v xxd >/dev/null || need+=(xxd)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+# tests/fstab.rs: mount(8), findmnt, mount.fuse3 (fuse3), systemd-fstab-generator and
+# systemd-analyze (systemd; no running systemd needed).
+command -v mount >/dev/null || need+=(mount)
+command -v findmnt >/dev/null || need+=(util-linux)
+if [ ! -x /usr/lib/systemd/system-generators/systemd-fstab-generator ] ||
+  ! command -v systemd-analyze >/dev/null; then
+  need+=(systemd)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -4,7 +4,18 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     earfs::daemon::logging::init();
-    let cli = earfs::cli::Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if earfs::cli::helper::is_helper(&argv) {
+        // mount.fuse.earfs (mount -t fuse.earfs, fstab) or mount.fuse3's `earfs SOURCE DIR`.
+        return match earfs::cli::helper::run(&argv) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("earfs: {}", f.message);
+                std::process::ExitCode::from(earfs::cli::helper::mount_code(f.code))
+            }
+        };
+    }
+    let cli = earfs::cli::Cli::parse_from(argv);
     match earfs::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {

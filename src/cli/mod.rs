@@ -13,6 +13,7 @@ use crate::volume::{self, VolumeConfig};
 mod change;
 mod data;
 mod files;
+pub mod helper;
 mod import;
 mod kms;
 mod mount;
@@ -460,7 +461,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::ImportKeyring { kms, file, backing } => {
             import::import_keyring(&kms, &file, &backing)
         }
-        Command::Mount(args) => mount::run(args),
+        Command::Mount(args) => {
+            let mut child: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            child.push("--foreground".into());
+            mount::run(args, child)
+        }
         Command::Umount { mountpoint } => umount(mountpoint),
         Command::Status {
             json,

@@ -1,5 +1,6 @@
 //! `earfs mount`: flags, the config file, and how they combine (flags win).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use clap::Args;
 
 use super::default_threads;
 use crate::daemon::config::{FileConfig, parse_duration, parse_interval, parse_metrics_address};
+use crate::daemon::mountopts::{self, MountOpt};
 use crate::daemon::{self, Failure, MountRequest, RevocationPolicy, exit};
 use crate::kms::{KmsOverrides, Retry};
 
@@ -18,7 +20,7 @@ pub struct MountArgs {
     /// Settings file (e.g. /etc/earfs/NAME.toml); flags given here override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Let other users (e.g. the database user) use the mount; the kernel checks permissions.
+    /// Let other users (e.g. the database user) use the mount; the kernel checks permissions (also -o allow_other).
     #[arg(long)]
     pub allow_other: bool,
     /// FUSE request threads [default: cores, 2 to 8].
@@ -27,8 +29,14 @@ pub struct MountArgs {
     /// Let the kernel cache writes (FUSE writeback cache); off by default.
     #[arg(long)]
     pub writeback_cache: bool,
-    /// Mount options, comma-separated (ro, noatime, nosuid, noexec, …), like mount -o.
-    #[arg(short = 'o', value_delimiter = ',')]
+    /// Mount options, comma-separated, as mount -o and an fstab line take them: mount
+    /// flags (ro, rw, noatime, relatime, nosuid, nodev, noexec, sync, dirsync, …), FUSE's
+    /// allow_other and default_permissions, earfs's own settings as NAME=VALUE (config,
+    /// threads, writeback_cache, log_file, kms_deadline, recheck_interval,
+    /// revocation_policy, metrics_address, stop_timeout, credentials; a flag given too
+    /// wins), and fstab's (nofail, _netdev, noauto, defaults, x-systemd.*, …: ignored).
+    /// Anything else is refused (exit 2).
+    #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
     #[arg(long)]
@@ -91,10 +99,7 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
         return Err(usage("--threads must be between 1 and 256"));
     }
     let mut options: Vec<String> = file.options.clone().unwrap_or_default();
-    options.extend(a.options.iter().filter(|o| !o.is_empty()).cloned());
-    if options.iter().any(|o| o == "allow_other") {
-        return Err(usage("use --allow-other instead of -o allow_other"));
-    }
+    options.extend(a.options.iter().cloned());
     let kms_deadline = match a.kms_deadline {
         Some(s) => super::kms::retry(s)?,
         None => file
@@ -153,14 +158,77 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
     })
 }
 
-/// `earfs mount`.
-pub fn run(a: MountArgs) -> Result<(), Failure> {
+/// The `-o` options folded into the flags they stand for: earfs's own options set
+/// their flag unless it was given too (the flag wins), `allow_other` sets
+/// --allow-other, `default_permissions` and fstab's options (`nofail`, `x-systemd.*`,
+/// …) are dropped; what is left is for the kernel. An unknown option or a bad value
+/// is a usage error naming it (exit 2), so that it never reaches the kernel.
+pub fn fold_options(mut a: MountArgs) -> Result<MountArgs, Failure> {
+    let given = std::mem::take(&mut a.options);
+    for o in given.iter().filter(|o| !o.is_empty()) {
+        let bad = |m: String| usage(format!("-o {o}: {m}"));
+        match mountopts::classify(o).map_err(|m| usage(format!("-o: {m}")))? {
+            MountOpt::Userspace | MountOpt::Implied => {}
+            MountOpt::AllowOther => a.allow_other = true,
+            MountOpt::Kernel(k) => a.options.push(k),
+            MountOpt::Earfs(name, v) => {
+                let v = v.unwrap_or_default();
+                match name {
+                    "writeback_cache" => a.writeback_cache = true,
+                    "config" => {
+                        a.config.get_or_insert_with(|| PathBuf::from(&v));
+                    }
+                    "log_file" => {
+                        a.log_file.get_or_insert_with(|| PathBuf::from(&v));
+                    }
+                    "credentials" => {
+                        a.credentials.get_or_insert_with(|| PathBuf::from(&v));
+                    }
+                    "threads" => {
+                        let n = v
+                            .parse::<usize>()
+                            .map_err(|_| bad("not a number of threads (1 to 256)".into()))?;
+                        a.threads.get_or_insert(n);
+                    }
+                    "kms_deadline" => {
+                        let s = crate::daemon::config::parse_deadline_seconds(&v).map_err(bad)?;
+                        a.kms_deadline.get_or_insert(s);
+                    }
+                    "recheck_interval" => {
+                        parse_interval(&v).map_err(bad)?;
+                        a.recheck_interval.get_or_insert(v);
+                    }
+                    "stop_timeout" => {
+                        parse_duration(&v).map_err(bad)?;
+                        a.stop_timeout.get_or_insert(v);
+                    }
+                    "metrics_address" => {
+                        parse_metrics_address(&v).map_err(bad)?;
+                        a.metrics_address.get_or_insert(v);
+                    }
+                    "revocation_policy" => {
+                        let p = <RevocationPolicy as clap::ValueEnum>::from_str(&v, false)
+                            .map_err(|_| bad("must be lock or warn".into()))?;
+                        a.revocation_policy.get_or_insert(p);
+                    }
+                    other => return Err(usage(format!("-o {other}: not supported here"))),
+                }
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// `earfs mount`. `child_args` are the arguments a background daemon is started with
+/// (this command line with --foreground).
+pub fn run(a: MountArgs, child_args: Vec<OsString>) -> Result<(), Failure> {
+    let a = fold_options(a)?;
     // Check everything here, so that the background launcher reports a bad flag or
     // config at once; the daemon parses the same arguments again.
     let req = request(&a)?;
     if a.foreground {
         daemon::serve(&req)
     } else {
-        daemon::spawn_background(a.log_file.as_deref())
+        daemon::spawn_background(child_args, a.log_file.as_deref())
     }
 }

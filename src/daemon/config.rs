@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::mountopts::{self, MountOpt};
 use super::{Failure, exit};
 use crate::kms::KmsOverrides;
 
@@ -62,7 +63,7 @@ struct RawConfig {
     allow_other: Option<bool>,
     threads: Option<i64>,
     writeback_cache: Option<bool>,
-    options: Option<Vec<String>>,
+    options: Option<Vec<toml::Spanned<String>>>,
     log_level: Option<LogLevel>,
     metrics_address: Option<String>,
     stop_timeout: Option<String>,
@@ -91,6 +92,8 @@ pub struct FileConfig {
     pub allow_other: Option<bool>,
     pub threads: Option<usize>,
     pub writeback_cache: Option<bool>,
+    /// The kernel's options only (mount flags, FUSE options): `allow_other` is folded
+    /// into `allow_other`, fstab-only options (`nofail`, `x-systemd.*`, …) dropped.
     pub options: Option<Vec<String>>,
     pub log_level: Option<LogLevel>,
     pub metrics_address: Option<SocketAddr>,
@@ -100,6 +103,20 @@ pub struct FileConfig {
     /// `Some(None)`: rechecks disabled ("0").
     pub recheck_interval: Option<Option<Duration>>,
     pub revocation_policy: Option<RevocationPolicy>,
+}
+
+/// "line L, column C" of a byte offset, counted as toml's own errors count them (from
+/// 1; the column in characters).
+fn position(text: &str, offset: usize) -> String {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, l)| l)
+        .chars()
+        .count()
+        + 1;
+    format!("line {line}, column {column}")
 }
 
 fn config_error(path: &Path, msg: impl std::fmt::Display) -> Failure {
@@ -160,12 +177,14 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, Failure> {
         let text = std::fs::read_to_string(path).map_err(|e| config_error(path, e))?;
         let raw: RawConfig = toml::from_str(&text).map_err(|e| {
-            let line = e
+            let at = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                .map(|l| format!("line {l}: "))
+                .map(|s| format!("{}: ", position(&text, s.start)))
                 .unwrap_or_default();
-            config_error(path, format!("{line}{}", e.message()))
+            config_error(
+                path,
+                format!("{at}{}", e.message().trim_end().replace('\n', "; ")),
+            )
         })?;
         let key = |k: &str, m: String| config_error(path, format!("{k}: {m}"));
         let threads = match raw.threads {
@@ -173,14 +192,49 @@ impl FileConfig {
             Some(t) if (1..=256).contains(&t) => Some(t as usize),
             Some(t) => return Err(key("threads", format!("{t} is not between 1 and 256"))),
         };
-        if let Some(opts) = &raw.options
-            && opts.iter().any(|o| o == "allow_other")
-        {
-            return Err(key(
-                "options",
-                "use allow_other = true instead of \"allow_other\" here".into(),
-            ));
-        }
+        let mut allow_other = raw.allow_other;
+        let options = match &raw.options {
+            None => None,
+            Some(list) => {
+                let mut kernel = Vec::new();
+                for o in list {
+                    let bad = |m: String| {
+                        config_error(
+                            path,
+                            format!("{}: options: {m}", position(&text, o.span().start)),
+                        )
+                    };
+                    match mountopts::classify(o.get_ref()).map_err(bad)? {
+                        MountOpt::Userspace | MountOpt::Implied => {}
+                        MountOpt::Kernel(k) => kernel.push(k),
+                        MountOpt::AllowOther if allow_other == Some(false) => {
+                            return Err(bad(
+                                "\"allow_other\" contradicts allow_other = false".into()
+                            ));
+                        }
+                        MountOpt::AllowOther => allow_other = Some(true),
+                        MountOpt::Earfs(name, value) => {
+                            let instead = match (name, value) {
+                                ("config", _) => "it has no meaning inside a config file".into(),
+                                ("log_file", _) => {
+                                    "give --log-file on the command line instead".into()
+                                }
+                                ("credentials", Some(v)) => {
+                                    format!("write credentials_file = {v:?} under [kms] instead")
+                                }
+                                (n, Some(v)) => format!("write {n} = {v:?} instead"),
+                                (n, None) => format!("write {n} = true instead"),
+                            };
+                            return Err(bad(format!(
+                                "{:?} is an earfs setting, not a mount option: {instead}",
+                                o.get_ref()
+                            )));
+                        }
+                    }
+                }
+                Some(kernel)
+            }
+        };
         for (k, p) in [("backing", &raw.backing), ("mountpoint", &raw.mountpoint)] {
             if let Some(p) = p
                 && !p.is_absolute()
@@ -226,10 +280,10 @@ impl FileConfig {
             path: path.to_path_buf(),
             backing: raw.backing,
             mountpoint: raw.mountpoint,
-            allow_other: raw.allow_other,
+            allow_other,
             threads,
             writeback_cache: raw.writeback_cache,
-            options: raw.options,
+            options,
             log_level: raw.log_level,
             metrics_address,
             stop_timeout,
@@ -313,6 +367,38 @@ revocation_policy = "warn"
     }
 
     #[test]
+    fn options_keep_the_kernels_and_drop_fstabs() {
+        let c = load(
+            "options = [\"noatime\", \"nofail\", \"_netdev\", \"x-systemd.requires=k.service\", \"allow_other\", \"ro\", \"default_permissions\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.options, Some(vec!["noatime".into(), "ro".into()]));
+        assert_eq!(c.allow_other, Some(true));
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line_and_column_toml_gives() {
+        for text in [
+            "threads = \"four\"\n",
+            "# settings\n\nthreads = \"four\"\n",
+            "backing = \"/a\"\n[kms]\nregion = 5\n",
+            "backing = \"/a\"\nthreads = \n",
+            "\n\nunknown_key = 1\n",
+        ] {
+            let toml_text = toml::from_str::<RawConfig>(text).unwrap_err().to_string();
+            let first = toml_text.lines().next().unwrap();
+            let at = first.strip_prefix("TOML parse error at ").unwrap();
+            let e = load(text).unwrap_err();
+            assert!(
+                e.message.contains(&format!("db.toml: {at}: ")),
+                "{text:?}: {} vs {first}",
+                e.message
+            );
+            assert!(!e.message.contains('\n'), "{}", e.message);
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_file() {
         for (text, words) in [
             ("thread = 4\n", "unknown field `thread`"),
@@ -334,7 +420,22 @@ revocation_policy = "warn"
                 "backing = \"data\"\n",
                 "backing: data is not an absolute path",
             ),
-            ("options = [\"allow_other\"]\n", "allow_other = true"),
+            (
+                "backing = \"/data/enc\"\noptions = [\"noatime\", \"nofial\"]\n",
+                "line 2, column 23: options: unknown mount option \"nofial\"",
+            ),
+            (
+                "options = [\"threads=4\"]\n",
+                "line 1, column 12: options: \"threads=4\" is an earfs setting, not a mount option: write threads = \"4\" instead",
+            ),
+            (
+                "allow_other = false\noptions = [\"allow_other\"]\n",
+                "line 2, column 12: options: \"allow_other\" contradicts allow_other = false",
+            ),
+            ("options = \"noatime\"\n", "line 1, column 11"),
+            ("# settings\n\nthreads = \"four\"\n", "line 3, column 11"),
+            ("threads = 4\nthreads = 5\n", "line 2"),
+            ("threads = \n", "line 1, column 11"),
             ("[kms]\ndeadline = \"0s\"\n", "kms.deadline"),
             ("[kms]\nkey_arn = \"x\"\n", "unknown field `key_arn`"),
         ] {

@@ -7,6 +7,7 @@ pub mod exit;
 pub mod logging;
 mod metrics;
 mod mountinfo;
+pub mod mountopts;
 pub mod notify;
 mod state;
 
@@ -141,16 +142,15 @@ pub fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-/// Start the daemon in the background: re-run this command in the foreground as a
-/// new session, and return once it reports that the mount serves (or why it failed).
-pub fn spawn_background(log_file: Option<&Path>) -> Result<(), Failure> {
+/// Start the daemon in the background: run this binary with `args` (a mount command
+/// with --foreground) as a new session, and return once it reports that the mount
+/// serves (or why it failed).
+pub fn spawn_background(args: Vec<OsString>, log_file: Option<&Path>) -> Result<(), Failure> {
     let io = |what: &str, e: std::io::Error| Failure::new(exit::FAILURE, format!("{what}: {e}"));
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| io("cannot create a pipe", e.into()))?;
     rustix::io::fcntl_setfd(&w, rustix::io::FdFlags::empty()).map_err(|e| io("fcntl", e.into()))?;
     let exe = std::env::current_exe().map_err(|e| io("cannot find the earfs binary", e))?;
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    args.push("--foreground".into());
     let stderr = match log_file {
         Some(p) => Stdio::from(
             std::fs::OpenOptions::new()

@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::stats::{Op, stats, timed};
 use crate::fs::{Attr, Caller, EarFs, FileKind, FsError, SetAttr, SetTime};
 
+mod mount;
+
 pub use fuser::{Session, SessionUnmounter};
+pub use mount::{FSTYPE, MountConfig, kernel_flags, mount};
 
 /// How long the kernel may cache attributes and names. The mount is exclusive (all
 /// changes go through it), so the cache stays right.
@@ -690,17 +693,6 @@ impl Filesystem for EarFuse {
     }
 }
 
-/// What a mount needs beyond the filesystem.
-#[derive(Debug, Clone)]
-pub struct MountConfig {
-    pub fsname: String,
-    pub allow_other: bool,
-    pub threads: usize,
-    /// Extra `-o` options, passed to the kernel as given.
-    pub options: Vec<String>,
-}
-
-/// Mount `fs` at `mountpoint`: returns once the kernel handshake is done.
 /// Drops the kernel's cached file data (FUSE_NOTIFY_INVAL_INODE), so that reads reach
 /// the daemon again: used when the data keys are locked, so that cached plaintext is
 /// not served either.
@@ -720,44 +712,4 @@ impl CacheInvalidator {
             .filter(|ino| self.0.inval_inode(INodeNo(**ino), 0, -1).is_err())
             .count()
     }
-}
-
-pub fn mount(fs: EarFuse, mountpoint: &Path, cfg: &MountConfig) -> io::Result<Session<EarFuse>> {
-    let mut opts = vec![
-        MountOption::FSName(cfg.fsname.clone()),
-        MountOption::Subtype("earfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-    ];
-    for o in &cfg.options {
-        opts.push(match o.as_str() {
-            "ro" => MountOption::RO,
-            "rw" => MountOption::RW,
-            "noatime" => MountOption::NoAtime,
-            "atime" => MountOption::Atime,
-            "nosuid" => MountOption::NoSuid,
-            "suid" => MountOption::Suid,
-            "noexec" => MountOption::NoExec,
-            "exec" => MountOption::Exec,
-            "dirsync" => MountOption::DirSync,
-            "sync" => MountOption::Sync,
-            "async" => MountOption::Async,
-            "dev" => MountOption::Dev,
-            "nodev" => MountOption::NoDev,
-            other => MountOption::CUSTOM(other.to_string()),
-        });
-    }
-    if opts.contains(&MountOption::Dev) {
-        opts.retain(|o| *o != MountOption::NoDev);
-    }
-    let mut config = Config::default();
-    config.mount_options = opts;
-    config.acl = if cfg.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.n_threads = Some(cfg.threads.max(1));
-    config.clone_fd = true;
-    Session::new(fs, mountpoint, &config)
 }
