@@ -12,6 +12,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 command -v xxd >/dev/null || need+=(xxd)
 command -v taskset >/dev/null || need+=(util-linux)
+# promtool checks systemd/examples/earfs-alerts.yml (tests/metrics.rs).
+command -v promtool >/dev/null || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive
