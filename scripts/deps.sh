@@ -21,6 +21,8 @@ if [ ! -x /usr/lib/systemd/system-generators/systemd-fstab-generator ] ||
   ! command -v systemd-analyze >/dev/null; then
   need+=(systemd)
 fi
+# promtool checks systemd/examples/earfs-alerts.yml (tests/metrics.rs).
+command -v promtool >/dev/null || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

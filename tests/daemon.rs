@@ -213,7 +213,11 @@ fn systemd_sees_status_ready_reloading_stopping_and_watchdog() {
     let mut dm = Daemon::start(
         d.path(),
         &["--config", s(&cfg)],
-        &[("WATCHDOG_USEC", "400000"), ("JOURNAL_STREAM", "8:12345")],
+        &[
+            ("WATCHDOG_USEC", "400000"),
+            ("JOURNAL_STREAM", "8:12345"),
+            ("EARFS_JOURNAL_SOCKET", "/nonexistent/journal.sock"),
+        ],
     );
     let start = dm.until("READY=1");
     // READY comes only once the mount answers, and after a STATUS of the unwrap.

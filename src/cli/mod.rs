@@ -16,6 +16,7 @@ mod files;
 pub mod helper;
 mod import;
 mod kms;
+mod logflags;
 mod mount;
 mod nodeconf;
 mod status;
@@ -26,6 +27,8 @@ mod status;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: logflags::LogFlags,
 }
 
 /// Key providers.
@@ -432,6 +435,7 @@ fn default_threads() -> usize {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
+    cli.log.apply();
     // Commands that print behave as filters (`earfs status | head`); the daemon keeps
     // Rust's ignored SIGPIPE, so that a scraper hanging up is just an error.
     if !matches!(cli.command, Command::Mount(_)) {

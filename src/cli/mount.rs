@@ -38,8 +38,8 @@ pub struct MountArgs {
     /// Anything else is refused (exit 2).
     #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// Log file of the background daemon (appended). Without it the background daemon logs to syslog.
-    #[arg(long)]
+    /// Log file (appended; RFC 3339 time stamps; opened again on SIGHUP, for logrotate), of the background daemon or, with --foreground, of this one. Without it the background daemon logs to syslog, the foreground one to stderr (the journal under systemd).
+    #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
     /// How long unwrapping the data keys through the KMS may take, retries of throttling, timeouts and 5xx included ("90s", "2m"; a bare number is seconds) [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = crate::daemon::config::parse_deadline_seconds)]
@@ -150,10 +150,7 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
             .unwrap_or(RevocationPolicy::Lock),
         metrics_address,
         stop_timeout,
-        log_level: file
-            .log_level
-            .map(|l| l.filter())
-            .unwrap_or_else(log::max_level),
+        log_level: daemon::logging::effective_level(file.log_level.map(|l| l.filter())),
         config_file: a.config.as_ref().map(|_| file.path.clone()),
     })
 }
@@ -227,7 +224,21 @@ pub fn run(a: MountArgs, child_args: Vec<OsString>) -> Result<(), Failure> {
     // config at once; the daemon parses the same arguments again.
     let req = request(&a)?;
     if a.foreground {
-        daemon::serve(&req)
+        let Some(log_file) = &a.log_file else {
+            return daemon::serve(&req);
+        };
+        let path = daemon::absolute(log_file);
+        daemon::logging::log_to_file(&path).map_err(|e| {
+            Failure::new(
+                exit::USAGE,
+                format!(
+                    "--log-file {}: {e}; give a file in a directory that exists and is writable",
+                    path.display()
+                ),
+            )
+        })?;
+        // The error goes to stderr (main) and to the log file.
+        daemon::serve(&req).inspect_err(|f| log::error!("{f}"))
     } else {
         daemon::spawn_background(child_args, a.log_file.as_deref())
     }

@@ -40,6 +40,7 @@ pub enum LogLevel {
     Warn,
     Info,
     Debug,
+    Trace,
 }
 
 impl LogLevel {
@@ -49,6 +50,7 @@ impl LogLevel {
             LogLevel::Warn => log::LevelFilter::Warn,
             LogLevel::Info => log::LevelFilter::Info,
             LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
         }
     }
 }

@@ -93,6 +93,9 @@ pub fn render(shared: &Shared) -> String {
         escape(&st.mountpoint.to_string_lossy()),
         st.kms_provider
     );
+    build_info(&mut o);
+    held(&mut o, shared.fs.held());
+    process(&mut o);
     help(
         &mut o,
         "earfs_start_time_seconds",
@@ -310,9 +313,185 @@ pub fn render(shared: &Shared) -> String {
     o
 }
 
+/// `earfs_build_info`: what runs, as labels (value 1).
+fn build_info(o: &mut String) {
+    help(
+        o,
+        "earfs_build_info",
+        "gauge",
+        "The earfs build (value 1): version, git revision, AES kernel.",
+    );
+    let _ = writeln!(
+        o,
+        "earfs_build_info{{version=\"{}\",revision=\"{}\",aes=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        escape(option_env!("EARFS_GIT_REVISION").unwrap_or("unknown")),
+        escape(crate::crypto::implementation()),
+    );
+}
+
+/// Inodes and handles the daemon holds for the kernel (each costs descriptors).
+fn held(o: &mut String, h: crate::fs::Held) {
+    help(
+        o,
+        "earfs_inodes_held",
+        "gauge",
+        "Inodes the kernel holds a reference to (one O_PATH descriptor each), the root included.",
+    );
+    let _ = writeln!(o, "earfs_inodes_held {}", h.inodes);
+    help(
+        o,
+        "earfs_handles_open",
+        "gauge",
+        "Open handles, by kind (file, dir).",
+    );
+    let _ = writeln!(o, "earfs_handles_open{{kind=\"file\"}} {}", h.open_files);
+    let _ = writeln!(o, "earfs_handles_open{{kind=\"dir\"}} {}", h.open_dirs);
+}
+
+/// The standard process metrics, read from /proc/self as the Prometheus client
+/// libraries do.
+#[derive(Debug, Default, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub start_time_seconds: f64,
+    pub virtual_memory_bytes: u64,
+    pub resident_memory_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: Option<u64>,
+}
+
+/// Parse `/proc/self/stat` (after the command name, which may hold spaces) with the
+/// clock tick rate, page size and boot time.
+fn parse_stat(stat: &str, ticks: u64, page: u64, boot_time: u64) -> Option<ProcessStats> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Field N of proc(5) is rest[N - 3].
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+    let ticks = ticks.max(1) as f64;
+    Some(ProcessStats {
+        cpu_seconds: (num(14)? + num(15)?) as f64 / ticks,
+        start_time_seconds: boot_time as f64 + num(22)? as f64 / ticks,
+        virtual_memory_bytes: num(23)?,
+        resident_memory_bytes: num(24)? * page,
+        ..ProcessStats::default()
+    })
+}
+
+/// `btime` of /proc/stat: the boot time, unix seconds.
+fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// This process's stats; `None` where /proc cannot be read.
+pub fn process_stats() -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let ticks = rustix::param::clock_ticks_per_second();
+    let page = rustix::param::page_size() as u64;
+    let mut p = parse_stat(&stat, ticks, page, boot_time()?)?;
+    // The directory's own descriptor is counted, as the client libraries do.
+    p.open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    p.max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    Some(p)
+}
+
+fn process(o: &mut String) {
+    let Some(p) = process_stats() else {
+        return;
+    };
+    for (name, kind, text, value) in [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            p.cpu_seconds.to_string(),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            p.start_time_seconds.to_string(),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            p.virtual_memory_bytes.to_string(),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.resident_memory_bytes.to_string(),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            p.open_fds.to_string(),
+        ),
+    ] {
+        help(o, name, kind, text);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    // An unlimited RLIMIT_NOFILE has no number to show (as in the client libraries).
+    if let Some(max) = p.max_fds {
+        help(
+            o,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+        );
+        let _ = writeln!(o, "process_max_fds {max}");
+    }
+}
+
 /// Escape a label value.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_fields() {
+        // A command name with spaces and a parenthesis; utime 250, stime 150 ticks,
+        // started 1000 ticks after boot, 8 MiB virtual, 300 pages resident.
+        let stat = "4242 (earfs (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 9 0 1000 8388608 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let p = parse_stat(stat, 100, 4096, 1_700_000_000).unwrap();
+        assert_eq!(p.cpu_seconds, 4.0);
+        assert_eq!(p.start_time_seconds, 1_700_000_010.0);
+        assert_eq!(p.virtual_memory_bytes, 8_388_608);
+        assert_eq!(p.resident_memory_bytes, 300 * 4096);
+        assert!(parse_stat("garbage", 100, 4096, 0).is_none());
+    }
+
+    #[test]
+    fn this_process_is_measured() {
+        // (other tests open files meanwhile: no exact descriptor count here; the mount
+        // test in tests/metrics.rs counts them)
+        let after = process_stats().unwrap();
+        assert!(after.open_fds >= 4, "{after:?}");
+        assert!(
+            after.max_fds.is_none_or(|m| m >= after.open_fds),
+            "{after:?}"
+        );
+        assert!(after.resident_memory_bytes > 0);
+        assert!(after.virtual_memory_bytes >= after.resident_memory_bytes);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(after.start_time_seconds <= now + 1.0 && after.start_time_seconds > now - 86400.0);
+    }
 }

@@ -559,6 +559,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
         .map_err(|_| Failure::from(VolumeError::NoBackingDir(req.backing.clone())))?;
     let cfg = VolumeConfig::load(&backing)?;
     let mountpoint = check_mountpoint(&req.mountpoint)?;
+    logging::set_context(&cfg.volume_id, &mountpoint);
     if ready.detached() {
         // A background daemon keeps no directory of the caller busy.
         let _ = std::env::set_current_dir("/");
@@ -764,6 +765,7 @@ fn watch_signals(
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
+                    logging::reopen_on_hup();
                     notify::notify(&format!(
                         "RELOADING=1\nMONOTONIC_USEC={}",
                         notify::monotonic_usec()

@@ -558,7 +558,8 @@ impl Shared {
                 s.policy = p;
             }
             if let Some(l) = f.log_level {
-                s.log_level = l.filter();
+                // --log-level, -v and -q stay over the file's level.
+                s.log_level = super::logging::effective_level(Some(l.filter()));
                 log::set_max_level(s.log_level);
             }
             // A key file given on the command line (`--key-file`) stays: the config file

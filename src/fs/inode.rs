@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::content::FileFormat;
 
@@ -87,6 +87,8 @@ pub struct InodeTable {
     /// Protects the map and the counts; never held across I/O.
     by_id: Mutex<HashMap<u64, (Arc<Inode>, u64)>>,
     root_key: (u64, u64),
+    /// How many inodes the map holds, for the metrics without taking its lock.
+    held: AtomicUsize,
 }
 
 impl InodeTable {
@@ -106,6 +108,7 @@ impl InodeTable {
         InodeTable {
             by_id: Mutex::new(by_id),
             root_key,
+            held: AtomicUsize::new(1),
         }
     }
 
@@ -163,6 +166,7 @@ impl InodeTable {
             mode: Mutex::new(mode & 0o7777),
         });
         t.insert(id, (inode.clone(), 1));
+        self.held.fetch_add(1, Ordering::Relaxed);
         Ok((inode, true))
     }
 
@@ -179,8 +183,13 @@ impl InodeTable {
             }
             None => false,
         };
-        if gone {
-            t.remove(&id);
+        if gone && t.remove(&id).is_some() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// How many inodes the kernel holds (each keeps an O_PATH descriptor open).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 }

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
@@ -110,6 +110,17 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
+/// What the daemon holds for the kernel ([`EarFs::held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Inodes the kernel knows (each an O_PATH descriptor), the root included.
+    pub inodes: usize,
+    /// Open file handles (a descriptor each, two with O_DIRECT).
+    pub open_files: usize,
+    /// Open directory handles.
+    pub open_dirs: usize,
+}
+
 /// An open regular file.
 struct Handle {
     inode: Arc<Inode>,
@@ -127,6 +138,9 @@ pub struct EarFs {
     /// Open directories by handle number. The lock guards the map only.
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// How many entries `files` and `dirs` hold, for the metrics without their locks.
+    open_files: AtomicUsize,
+    open_dirs: AtomicUsize,
     /// Whether new files are written in format v2 (else v1); switched by an upgrade.
     writes_v2: AtomicBool,
     /// Renames and links so far, counted before and after each ([`EarFs::moves`]).
@@ -193,6 +207,8 @@ impl EarFs {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            open_files: AtomicUsize::new(0),
+            open_dirs: AtomicUsize::new(0),
             writes_v2: AtomicBool::new(format == FileFormat::V2),
             moves: AtomicU64::new(0),
         })
@@ -688,7 +704,7 @@ impl EarFs {
 
     fn add_handle(&self, inode: Arc<Inode>, file: File, direct: Option<File>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.write().insert(
+        let old = self.files.write().insert(
             fh,
             Arc::new(Handle {
                 inode,
@@ -696,6 +712,9 @@ impl EarFs {
                 direct,
             }),
         );
+        if old.is_none() {
+            self.open_files.fetch_add(1, Ordering::Relaxed);
+        }
         fh
     }
 
@@ -842,7 +861,9 @@ impl EarFs {
 
     /// Close a handle.
     pub fn release(&self, fh: u64) {
-        self.files.write().remove(&fh);
+        if self.files.write().remove(&fh).is_some() {
+            self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// fallocate after clearing set-id bits, as for a write by a caller who is not root.
@@ -892,7 +913,9 @@ impl EarFs {
         let inode = self.inodes.get(ino)?;
         let d = DirHandle::open(inode)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.write().insert(fh, Arc::new(d));
+        if self.dirs.write().insert(fh, Arc::new(d)).is_none() {
+            self.open_dirs.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(fh)
     }
 
@@ -917,7 +940,19 @@ impl EarFs {
 
     /// Close a directory.
     pub fn releasedir(&self, fh: u64) {
-        self.dirs.write().remove(&fh);
+        if self.dirs.write().remove(&fh).is_some() {
+            self.open_dirs.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What the daemon holds for the kernel: inodes, open files, open directories
+    /// (counters kept beside the tables: no lock taken).
+    pub fn held(&self) -> Held {
+        Held {
+            inodes: self.inodes.held(),
+            open_files: self.open_files.load(Ordering::Relaxed),
+            open_dirs: self.open_dirs.load(Ordering::Relaxed),
+        }
     }
 
     /// fsync a directory.

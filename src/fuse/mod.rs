@@ -101,9 +101,12 @@ fn fail(reply: impl Fail, op: Op, ino: u64, e: FsError) {
         | FsError::NoData
         | FsError::Reserved
         | FsError::KeysLocked => {
-            log::debug!("op={op} ino={ino} errno={} {e}", code.code())
+            log::debug!(ino = ino, errno = code.code(); "op={op} ino={ino} errno={} {e}", code.code())
         }
-        _ => log::warn!("op={op} ino={ino} errno={} {e}", code.code()),
+        // ino and errno also as key-values: the journal's INODE= and ERRNO= fields.
+        _ => {
+            log::warn!(ino = ino, errno = code.code(); "op={op} ino={ino} errno={} {e}", code.code())
+        }
     }
     reply.fail(code);
 }

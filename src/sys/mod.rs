@@ -139,6 +139,23 @@ pub fn default_sigpipe() {
     }
 }
 
+/// The local time zone's offset from UTC, in seconds east, at unix time `secs`
+/// (`localtime_r`'s `tm_gmtoff`; 0 if the time cannot be converted). For the RFC 3339
+/// stamps of log files.
+pub fn utc_offset_seconds(secs: i64) -> i32 {
+    let t: libc::time_t = secs;
+    // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer),
+    // and localtime_r only writes into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is thread-safe (it
+    // reads TZ, which this program never changes).
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    if r.is_null() {
+        return 0;
+    }
+    i32::try_from(tm.tm_gmtoff).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
