@@ -1,10 +1,8 @@
 //! Thin entry point: parse the command line, run it, map failures to exit codes.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     earfs::daemon::logging::init();
-    let cli = earfs::cli::Cli::parse();
+    let cli = earfs::cli::parse();
     match earfs::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {
