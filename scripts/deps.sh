@@ -2,7 +2,10 @@
 # Installs what building and testing earfs needs on Debian: FUSE 3, strace (the fsync
 # test traces the daemon; tests/keyring_kill.rs kills the keyring commands at each
 # step through it), util-linux (setpriv), OpenSSL (the speed comparison), Python 3
-# (mmap and lock tests), shellcheck (the scripts' static check). Idempotent and quick when all is there.
+# (mmap and lock tests), shellcheck (the scripts' static check); for the CLI and package tests (tests/cli.rs, tests/package.rs):
+# groff and man-db (the man pages render), zsh and fish (their completion scripts
+# parse), dpkg-dev and binutils (scripts/package.sh: dpkg-shlibdeps, strip), lintian, systemd-analyze.
+# Idempotent and quick when all is there.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -23,6 +26,14 @@ if [ ! -x /usr/lib/systemd/system-generators/systemd-fstab-generator ] ||
 fi
 # promtool checks systemd/examples/earfs-alerts.yml (tests/metrics.rs).
 command -v promtool >/dev/null || need+=(prometheus)
+command -v groff >/dev/null || need+=(groff-base)
+command -v man >/dev/null || need+=(man-db)
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v strip >/dev/null || need+=(binutils)
+command -v lintian >/dev/null || need+=(lintian)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -1,7 +1,5 @@
 //! Thin entry point: parse the command line, run it, map failures to exit codes.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     earfs::daemon::logging::init();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -15,7 +13,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let cli = earfs::cli::Cli::parse_from(argv);
+    let cli = earfs::cli::parse();
     match earfs::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {

@@ -17,9 +17,12 @@ pub mod helper;
 mod import;
 mod kms;
 mod logflags;
+mod meta;
 mod mount;
 mod nodeconf;
 mod status;
+
+pub use meta::{command, parse};
 
 /// earfs: encryption at rest for database nodes (AES-256-XTS over FUSE, keys wrapped by your KMS).
 #[derive(Debug, Parser)]
@@ -192,7 +195,7 @@ pub enum Command {
         /// Also count each volume's files by format and key version (as `info --files`).
         #[arg(long)]
         files: bool,
-        /// The mountpoint of one daemon; all running daemons if absent.
+        /// The mountpoint of one daemon (exit 3 when none runs for it); all running daemons if absent.
         mountpoint: Option<PathBuf>,
     },
     /// Make an existing volume write format 2 (power-cut safe) from now on.
@@ -424,6 +427,19 @@ pub enum Command {
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
     },
+    /// Print a shell completion script: `earfs completions bash >
+    /// /etc/bash_completion.d/earfs` (the Debian package installs all three).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: meta::Shell,
+    },
+    /// Write the man pages (earfs.1, earfs-mount.1, ...) into DIR (scripts/package.sh).
+    #[command(hide = true)]
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 fn default_threads() -> usize {
@@ -531,6 +547,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             dest,
         } => data::decrypt::decrypt(&backing, &dest, jobs.map(usize::from), kms_deadline),
         Command::Cat { conf, kms, files } => data::cat::cat(&files, conf.as_deref(), &kms),
+        Command::Completions { shell } => meta::completions(shell),
+        Command::Man { dir } => meta::man_pages(&dir),
     }
 }
 

@@ -1,4 +1,7 @@
 //! `earfs status [MOUNTPOINT] [--json]`: ask running daemons over their control sockets.
+//!
+//! With a MOUNTPOINT it exits 3 when no daemon runs for it, as `systemctl status` does
+//! for a stopped unit; without one it lists the running daemons, none included (exit 0).
 
 use std::path::Path;
 
@@ -12,8 +15,12 @@ use crate::daemon::{Failure, exit};
 pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<(), Failure> {
     let targets = match mountpoint {
         Some(mp) => {
-            let canon = std::fs::canonicalize(mp)
-                .map_err(|e| Failure::new(exit::NOT_MOUNTED, format!("{}: {e}", mp.display())))?;
+            let canon = std::fs::canonicalize(mp).map_err(|e| {
+                Failure::new(
+                    exit::NOT_RUNNING,
+                    format!("no earfs daemon runs for {}: {e}", mp.display()),
+                )
+            })?;
             vec![socket_path(&canon)]
         }
         None => sockets().map_err(|e| {
@@ -38,7 +45,7 @@ pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<
                     if e.kind() == std::io::ErrorKind::PermissionDenied {
                         exit::FAILURE
                     } else {
-                        exit::NOT_MOUNTED
+                        exit::NOT_RUNNING
                     },
                     format!("no earfs daemon answers for {mp} ({}: {e})", sock.display()),
                 ));

@@ -4,6 +4,9 @@
 pub const FAILURE: u8 = 1;
 /// Bad command line (clap's own code).
 pub const USAGE: u8 = 2;
+/// `earfs status MOUNTPOINT`: no earfs daemon runs for it (LSB's "program is not
+/// running", as `systemctl status` exits).
+pub const NOT_RUNNING: u8 = 3;
 /// The backing directory is missing or is not an earfs volume.
 pub const NOT_A_VOLUME: u8 = 10;
 /// `earfs.conf` cannot be parsed or names something this build does not support.
