@@ -261,7 +261,16 @@ fn mount(backing: &Path, mnt: &Path, dek: &Dek, format: FileFormat) -> Mounted {
     let bg = session.spawn().unwrap();
     std::fs::set_permissions(mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
     Mounted {
-        unmount: Some(Box::new(move || bg.umount_and_join())),
+        // A session earfs mounted itself (mount(2) as root, `Session::from_fd`) has no
+        // fuser mount to drop: unmount it first, so that the session thread sees the
+        // device close and the join returns.
+        unmount: Some(Box::new({
+            let mnt = mnt.to_path_buf();
+            move || {
+                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty());
+                bg.umount_and_join()
+            }
+        })),
         mnt: mnt.to_path_buf(),
     }
 }
