@@ -3,9 +3,8 @@
 # at 4096-byte data units, one core, side by side on this machine.
 #
 # Env:
-#   EARFS_SPEED_CMD  command printing the SpeedReport JSON
-#                    (default: cargo run --release --example speed --;
-#                     in the product: "earfs speed --json")
+#   EARFS_SPEED_CMD  command printing `earfs speed --json`'s document
+#                    (earfs.speed.v1; default: target/release/earfs speed --json)
 #   SECONDS_PER_RUN  seconds per direction per round for both tools (default 1)
 #   ROUNDS           alternating rounds (openssl enc, openssl dec, ours);
 #                    the best round of each tool and direction is compared,
@@ -17,7 +16,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-CMD=${EARFS_SPEED_CMD:-cargo run --quiet --release --example speed --}
+CMD=${EARFS_SPEED_CMD:-target/release/earfs speed --json}
 SECS=${SECONDS_PER_RUN:-1}
 ROUNDS=${ROUNDS:-5}
 CPU=${CPU:-0}
@@ -32,7 +31,7 @@ fi
 
 # Build first so compilation does not overlap the measurements.
 if [[ -z ${EARFS_SPEED_CMD:-} ]]; then
-    cargo build --quiet --release --example speed
+    cargo build --quiet --release --bin earfs
 fi
 
 # openssl prints "The 'numbers' are in 1000s of bytes per second" and a
@@ -53,7 +52,7 @@ openssl_bps() {
 }
 
 field() {
-    sed -n "s/.*\"$1\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$2"
+    python3 -c 'import json, sys; print(json.loads(sys.argv[2])[sys.argv[1]])' "$1" "$2" 2>/dev/null || true
 }
 max() { awk -v a="${1:-0}" -v b="$2" 'BEGIN { print (b + 0 > a + 0) ? b : a }'; }
 
@@ -62,8 +61,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     oe=$(openssl_bps)
     od=$(openssl_bps -decrypt)
     # shellcheck disable=SC2086 # CMD is intentionally word-split.
-    json=$("${PIN[@]}" $CMD --seconds "$SECS" | tail -n 1)
-    impl=$(field implementation "$json")
+    json=$("${PIN[@]}" $CMD --seconds "$SECS")
+    impl=$(field aes_kernel "$json")
     we=$(field encrypt_bytes_per_sec "$json")
     wd=$(field decrypt_bytes_per_sec "$json")
     if [[ -z $we || -z $wd ]]; then

@@ -14,9 +14,13 @@ fn main() -> std::process::ExitCode {
         };
     }
     let cli = earfs::cli::parse();
+    let json = cli.json_command();
     match earfs::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(f) => {
+            if let Some(command) = json {
+                earfs::cli::output::print_error(command, &f);
+            }
             eprintln!("earfs: {}", f.message);
             std::process::ExitCode::from(f.code)
         }

@@ -87,7 +87,7 @@ fn version_names_revision_date_aes_kernels_and_fuser() {
         serde_json::from_str(&ok(&["speed", "--json", "--seconds", "0.01"])).unwrap();
     assert_eq!(
         field(&text, "XTS kernel"),
-        speed["implementation"].as_str().unwrap(),
+        speed["aes_kernel"].as_str().unwrap(),
         "{text}"
     );
 

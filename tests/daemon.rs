@@ -343,7 +343,7 @@ fn status_and_metrics_after_a_known_workload() {
         st["mountpoint"],
         s(&std::fs::canonicalize(&dm.mnt).unwrap())
     );
-    assert_eq!(st["kms_provider"], "local");
+    assert_eq!(st["provider"], "local");
     assert_eq!(st["threads"], 3);
     assert_eq!(st["key_versions"], json!([1]));
     assert_eq!(st["keys_locked"], false);

@@ -80,7 +80,7 @@ fn a_moved_key_file_is_given_at_mount_then_recorded_and_nothing_else_is_changed(
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["provider"], "local");
     assert_eq!(v["settings"]["kms.key_file"], s(&k1));
-    assert_eq!(v["schema"], 1);
+    assert_eq!(v["schema"], "earfs.config.v1");
 
     // Refused, with earfs.conf byte for byte as it was: the key itself, a name that is
     // not a setting, a malformed --set, and another key file (another key: it does not

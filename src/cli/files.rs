@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use serde_json::Value;
 
+use super::output;
 use crate::content::FileFormat;
 use crate::daemon::{Failure, exit};
 use crate::fs::census::{Census, census};
@@ -127,23 +128,53 @@ pub(super) fn keys(backing: &Path, json: bool) -> Result<(), Failure> {
         .filter(|(v, _)| !versions.iter().any(|k| k.to_string() == **v))
         .collect();
     if json {
-        let v = serde_json::json!({
-            "volume_id": cfg.volume_id,
-            "keyring_id": cfg.keyring.id,
-            "kms": cfg.kms.name(),
-            "key": cfg.kms.key_reference(),
-            "current": cfg.keyring.current,
-            "versions": versions.iter().map(|&v| serde_json::json!({
-                "version": v,
-                "current": v == cfg.keyring.current,
-                "files": files(v),
-            })).collect::<Vec<_>>(),
-            "files_under_unknown_versions": unknown.iter().map(|(v, n)| (v.to_string(), **n)).collect::<std::collections::BTreeMap<_, _>>(),
-            "files": census_json(&c),
-            "authenticated": false,
-        });
-        println!("{v:#}");
-        return Ok(());
+        /// One key version in `keys --json`.
+        #[derive(serde::Serialize)]
+        struct Version {
+            version: u32,
+            current: bool,
+            files: u64,
+        }
+        /// What `keys --json` prints.
+        #[derive(serde::Serialize)]
+        struct Keys<'a> {
+            backing: std::path::PathBuf,
+            volume_id: &'a str,
+            keyring_id: &'a str,
+            #[serde(flatten)]
+            key: output::KeyRef,
+            current_key_version: u32,
+            versions: Vec<Version>,
+            /// Versions that files name but the keyring lacks: file count by version.
+            files_under_unknown_versions: std::collections::BTreeMap<String, u64>,
+            files: &'a Census,
+            /// Always false: keys reads earfs.conf without the key.
+            authenticated: bool,
+        }
+        return output::print(
+            "earfs.keys.v1",
+            &Keys {
+                backing: output::canonical(backing),
+                volume_id: &cfg.volume_id,
+                keyring_id: &cfg.keyring.id,
+                key: output::KeyRef::of(&cfg.kms),
+                current_key_version: cfg.keyring.current,
+                versions: versions
+                    .iter()
+                    .map(|&v| Version {
+                        version: v,
+                        current: v == cfg.keyring.current,
+                        files: files(v),
+                    })
+                    .collect(),
+                files_under_unknown_versions: unknown
+                    .iter()
+                    .map(|(v, n)| (v.to_string(), **n))
+                    .collect(),
+                files: &c,
+                authenticated: false,
+            },
+        );
     }
     println!("volume:       {}", cfg.volume_id);
     println!("keyring:      {}", cfg.keyring.id);

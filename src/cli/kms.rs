@@ -6,7 +6,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Kms, KmsArgs};
+use serde::Serialize;
+
+use super::{Kms, KmsArgs, output};
 use crate::daemon::{self, Failure, exit};
 use crate::kms::{
     KeyProvider, KmsOverrides, PermissionCheck, ProviderSpec, Retry, create_key_file,
@@ -135,14 +137,14 @@ pub(super) fn open_validated(
     create_missing_key_file(&spec)?;
     let provider = spec.open(r)?;
     let desc = provider.validate()?;
-    println!("key: {}", desc.key);
+    output::say(format_args!("key: {}", desc.key));
     for d in &desc.details {
-        println!("  {d}");
+        output::say(format_args!("  {d}"));
     }
     if let ProviderSpec::Aws { key_arn, .. } = &mut spec
         && *key_arn != desc.key
     {
-        println!("  (alias {key_arn} resolved to {})", desc.key);
+        output::say(format_args!("  (alias {key_arn} resolved to {})", desc.key));
         *key_arn = desc.key;
         let provider = spec.open(r)?;
         return Ok((spec, provider));
@@ -213,31 +215,59 @@ pub(super) fn node_flags(args: &KmsArgs) -> Vec<&'static str> {
 }
 
 /// `earfs init --join FILE BACKING`.
-pub(super) fn join(args: &KmsArgs, file: &Path, backing: &Path) -> Result<(), Failure> {
+pub(super) fn join(args: &KmsArgs, file: &Path, backing: &Path) -> Result<VolumeConfig, Failure> {
     volume::check_new(backing)?;
     let source = JoinSource::read(file)?;
     let spec = node_spec(args, source.kms())?;
     daemon::protect_key_material();
     let provider = spec.open(retry(args.kms_deadline)?)?;
     let cfg = volume::join(backing, file, &source, spec, provider.as_ref())?;
-    println!(
+    output::say(format_args!(
         "created earfs volume {} in {}, joined to keyring {} ({} key version(s), current {})",
         cfg.volume_id,
         backing.display(),
         cfg.keyring.id,
         cfg.keyring.keys.len(),
         cfg.keyring.current
-    );
-    println!(
+    ));
+    output::say(format_args!(
         "key provider: {} ({})",
         cfg.kms.name(),
         cfg.kms.key_reference()
-    );
-    Ok(())
+    ));
+    Ok(cfg)
 }
 
 /// The checks of one key: its provider spec and each permission tried.
 type Side = (ProviderSpec, Vec<PermissionCheck>);
+
+/// One key's checks, in `kms-check --json`.
+#[derive(Serialize)]
+struct Checked<'a> {
+    #[serde(flatten)]
+    key: output::KeyRef,
+    checks: &'a [PermissionCheck],
+}
+
+impl<'a> Checked<'a> {
+    fn of((spec, checks): &'a Side) -> Self {
+        Checked {
+            key: output::KeyRef::of(spec),
+            checks,
+        }
+    }
+}
+
+/// What `kms-check --json` prints: the key (the volume's, with BACKING), whether every
+/// check passed, and with --new-key the key a rewrap would move to.
+#[derive(Serialize)]
+struct Report<'a> {
+    ok: bool,
+    #[serde(flatten)]
+    key: Checked<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_key: Option<Checked<'a>>,
+}
 
 /// `earfs kms-check`: a key from the flags, or an existing volume's (and, with
 /// `--new-key`, the key a rewrap would move it to).
@@ -247,33 +277,19 @@ pub(super) fn check(
     new_key: bool,
     backing: Option<&Path>,
 ) -> Result<(), Failure> {
-    let outcome = run_check(args, new_key, backing);
-    let sides = match outcome {
-        Ok(v) => v,
-        Err(f) => {
-            if json {
-                let v = serde_json::json!({"ok": false, "error": f.message, "exit_code": f.code});
-                println!("{v:#}");
-            }
-            return Err(f);
-        }
-    };
+    // A failure before any check ran is printed by main (earfs.error.v1, `ok` false).
+    let sides = run_check(args, new_key, backing)?;
     let all: Vec<&PermissionCheck> = sides.iter().flat_map(|(_, c)| c).collect();
     let ok = all.iter().all(|c| c.ok);
     if json {
-        let side = |(spec, checks): &Side| {
-            serde_json::json!({
-                "provider": spec.name(),
-                "key": spec.key_reference(),
-                "checks": checks,
-            })
-        };
-        let mut v = side(&sides[0]);
-        v["ok"] = ok.into();
-        if let Some(new) = sides.get(1) {
-            v["new_key"] = side(new);
-        }
-        println!("{v:#}");
+        output::print(
+            "earfs.kms-check.v1",
+            &Report {
+                ok,
+                key: Checked::of(&sides[0]),
+                new_key: sides.get(1).map(Checked::of),
+            },
+        )?;
     } else {
         for (i, (spec, checks)) in sides.iter().enumerate() {
             if sides.len() > 1 {
@@ -426,7 +442,8 @@ fn print_table(spec: &ProviderSpec, checks: &[PermissionCheck]) {
 /// `earfs export-keyring BACKING [-o FILE]`.
 pub(super) fn export_keyring(
     backing: &Path,
-    output: Option<&Path>,
+    out: Option<&Path>,
+    json: bool,
     deadline: u64,
 ) -> Result<(), Failure> {
     daemon::protect_key_material();
@@ -434,23 +451,46 @@ pub(super) fn export_keyring(
     let provider = cfg.kms.open(retry(deadline)?)?;
     let keys = cfg.unlock(backing, provider.as_ref())?;
     let text = KeyringExport::of(&cfg, keys.current().1).to_text();
-    match output {
+    if json {
+        /// What `export-keyring --json` prints.
+        #[derive(Serialize)]
+        struct Exported<'a> {
+            backing: std::path::PathBuf,
+            volume_id: &'a str,
+            keyring_id: &'a str,
+            #[serde(flatten)]
+            key: output::KeyRef,
+            key_versions: Vec<u32>,
+            current_key_version: u32,
+            /// The file written (mode 0600), or null: the keyring is then `keyring`.
+            output: Option<std::path::PathBuf>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            keyring: Option<&'a str>,
+        }
+        if let Some(p) = out {
+            write_private(p, &text)?;
+        }
+        return output::print(
+            "earfs.export-keyring.v1",
+            &Exported {
+                backing: output::canonical(backing),
+                volume_id: &cfg.volume_id,
+                keyring_id: &cfg.keyring.id,
+                key: output::KeyRef::of(&cfg.kms),
+                key_versions: cfg.keyring.keys.iter().map(|k| k.version).collect(),
+                current_key_version: cfg.keyring.current,
+                output: out.map(output::canonical),
+                keyring: out.is_none().then_some(text.as_str()),
+            },
+        );
+    }
+    match out {
         None => {
             print!("{text}");
             Ok(())
         }
         Some(p) => {
-            let io =
-                |e: std::io::Error| Failure::new(exit::FAILURE, format!("{}: {e}", p.display()));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(io)?;
-            f.write_all(text.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
+            write_private(p, &text)?;
             eprintln!(
                 "wrote keyring {} ({} key version(s), current {}) to {}; on the other nodes of the cluster: earfs import-keyring {} BACKING; a new node joins with: earfs init --join {} BACKING",
                 cfg.keyring.id,
@@ -463,4 +503,18 @@ pub(super) fn export_keyring(
             Ok(())
         }
     }
+}
+
+/// Write TEXT to P with mode 0600 (a new file; an existing one is truncated) and sync it.
+fn write_private(p: &Path, text: &str) -> Result<(), Failure> {
+    let io = |e: std::io::Error| Failure::new(exit::FAILURE, format!("{}: {e}", p.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
 }

@@ -64,6 +64,23 @@ pub fn parse() -> Cli {
         Ok(cli) => cli,
         Err(Usage::Exit(e)) => e.exit(),
         Err(Usage::Error(text)) => {
+            // `--json` asked for JSON: the error is JSON too (its command is the first
+            // argument that names one).
+            if args.iter().any(|a| a == "--json") {
+                let mut cmd = Cli::command();
+                cmd.build();
+                let name = args
+                    .iter()
+                    .skip(1)
+                    .filter_map(|a| a.to_str())
+                    .find(|a| cmd.find_subcommand(a).is_some())
+                    .unwrap_or("earfs");
+                let line = text.lines().next().unwrap_or("");
+                super::output::print_error(
+                    name,
+                    &Failure::new(exit::USAGE, line.strip_prefix("earfs: ").unwrap_or(line)),
+                );
+            }
             eprint!("{text}");
             std::process::exit(i32::from(exit::USAGE))
         }

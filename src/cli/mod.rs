@@ -20,6 +20,7 @@ mod logflags;
 mod meta;
 mod mount;
 mod nodeconf;
+pub mod output;
 mod status;
 
 pub use meta::{command, parse};
@@ -98,6 +99,9 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = volume::NEW_VOLUME_FORMAT,
               value_parser = clap::value_parser!(u32).range(1..=2))]
         format_version: u32,
+        /// Print the new volume as JSON (docs/json.md).
+        #[arg(long)]
+        json: bool,
         /// Backing directory that will hold the encrypted files.
         backing: PathBuf,
     },
@@ -109,6 +113,9 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount an earfs mount and wait for its daemon to let go of the volume.
     Umount {
+        /// Print the result as JSON (docs/json.md).
+        #[arg(long)]
+        json: bool,
         /// The mountpoint (also clears the dead mount of a crashed daemon).
         mountpoint: PathBuf,
     },
@@ -125,7 +132,7 @@ pub enum Command {
     KmsCheck {
         #[command(flatten)]
         kms: KmsArgs,
-        /// Print JSON.
+        /// Print JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// Check the volume's key and the key given with --kms for `earfs rewrap`.
@@ -142,6 +149,10 @@ pub enum Command {
         /// Output file (mode 0600); standard output if absent.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Print JSON (docs/json.md): what was exported, with the keyring itself as the
+        /// `keyring` string when there is no --output.
+        #[arg(long)]
+        json: bool,
         /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
         #[arg(long, value_name = "DURATION", default_value_t = DEFAULT_DEADLINE.as_secs(),
               value_parser = crate::daemon::config::parse_deadline_seconds)]
@@ -189,7 +200,7 @@ pub enum Command {
     /// volume, key, key versions, uptime, operations, errors, the last CMK check and
     /// the revocation state.
     Status {
-        /// Print JSON.
+        /// Print JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// Also count each volume's files by format and key version (as `info --files`).
@@ -284,7 +295,7 @@ pub enum Command {
         /// kms.credentials, kms.endpoint.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
-        /// Print the settings as JSON.
+        /// Print the settings as JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// How long the KMS may take ("90s", "2m"; a bare number is seconds; see mount --kms-deadline).
@@ -297,7 +308,7 @@ pub enum Command {
     /// Show the key versions, which is current, the KMS key that wraps them, and how
     /// many files use each (read from the file headers; no key needed).
     Keys {
-        /// Print JSON.
+        /// Print JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// Backing directory of the volume.
@@ -306,7 +317,7 @@ pub enum Command {
     /// Show a volume: id, format, cipher, sector size, key provider, key versions, AES
     /// kernel; with --files, how many files it holds of each format and key version.
     Info {
-        /// Print JSON.
+        /// Print JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// Count the files by format and key version (reads every file's header; no key
@@ -349,7 +360,7 @@ pub enum Command {
         /// Say how many files and bytes would be rewritten, and change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print the result as JSON.
+        /// Print the result as JSON (docs/json.md).
         #[arg(long)]
         json: bool,
         /// How long the KMS may take ("90s", "2m"; a bare number is seconds).
@@ -420,7 +431,7 @@ pub enum Command {
     Fsck(data::fsck::FsckArgs),
     /// Measure the sector cipher on this CPU (one core, 4 KiB sectors), like `cryptsetup benchmark`.
     Speed {
-        /// Print JSON (bytes per second).
+        /// Print JSON (bytes per second; docs/json.md).
         #[arg(long)]
         json: bool,
         /// Seconds per direction.
@@ -449,9 +460,42 @@ fn default_threads() -> usize {
         .clamp(2, 8)
 }
 
+impl Cli {
+    /// The subcommand's name when it was given `--json`: its output, and its error if
+    /// it fails, are then JSON (docs/json.md).
+    pub fn json_command(&self) -> Option<&'static str> {
+        let (name, json) = match &self.command {
+            Command::Init { json, .. } => ("init", *json),
+            Command::Mount(a) => ("mount", a.json),
+            Command::Umount { json, .. } => ("umount", *json),
+            Command::KmsCheck { json, .. } => ("kms-check", *json),
+            Command::ExportKeyring { json, .. } => ("export-keyring", *json),
+            Command::Status { json, .. } => ("status", *json),
+            Command::Config { json, .. } => ("config", *json),
+            Command::Keys { json, .. } => ("keys", *json),
+            Command::Info { json, .. } => ("info", *json),
+            Command::Reencrypt { json, .. } => ("reencrypt", *json),
+            Command::Fsck(a) => ("fsck", a.json),
+            Command::Speed { json, .. } => ("speed", *json),
+            Command::ImportKeyring { .. }
+            | Command::Upgrade { .. }
+            | Command::Rotate { .. }
+            | Command::Rewrap { .. }
+            | Command::RetireKey { .. }
+            | Command::Adopt(_)
+            | Command::Decrypt { .. }
+            | Command::Cat { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => return None,
+        };
+        json.then_some(name)
+    }
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     cli.log.apply();
+    output::set_json(cli.json_command().is_some());
     // Commands that print behave as filters (`earfs status | head`); the daemon keeps
     // Rust's ignored SIGPIPE, so that a scraper hanging up is just an error.
     if !matches!(cli.command, Command::Mount(_)) {
@@ -462,11 +506,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             kms,
             join,
             format_version,
+            json,
             backing,
-        } => match join {
-            Some(file) => kms::join(&kms, &file, &backing),
-            None => init(&kms, backing, format_version),
-        },
+        } => {
+            let cfg = match join {
+                Some(file) => kms::join(&kms, &file, &backing)?,
+                None => init(&kms, &backing, format_version)?,
+            };
+            if json {
+                output::print("earfs.init.v1", &VolumeSummary::of(&cfg, &backing))?;
+            }
+            Ok(())
+        }
         Command::KmsCheck {
             kms,
             json,
@@ -475,18 +526,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => kms::check(&kms, json, new_key, backing.as_deref()),
         Command::ExportKeyring {
             output,
+            json,
             kms_deadline,
             backing,
-        } => kms::export_keyring(&backing, output.as_deref(), kms_deadline),
+        } => kms::export_keyring(&backing, output.as_deref(), json, kms_deadline),
         Command::ImportKeyring { kms, file, backing } => {
             import::import_keyring(&kms, &file, &backing)
         }
         Command::Mount(args) => {
-            let mut child: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            // The daemon prints nothing: this process reports for it.
+            let mut child: Vec<std::ffi::OsString> = std::env::args_os()
+                .skip(1)
+                .filter(|a| a != "--json")
+                .collect();
             child.push("--foreground".into());
             mount::run(args, child)
         }
-        Command::Umount { mountpoint } => umount(mountpoint),
+        Command::Umount { json, mountpoint } => umount(mountpoint, json),
         Command::Status {
             json,
             files,
@@ -552,44 +608,84 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn init(args: &KmsArgs, backing: PathBuf, format: u32) -> Result<(), Failure> {
+/// A volume as `init --json` and `info --json` give it.
+#[derive(serde::Serialize)]
+struct VolumeSummary {
+    backing: PathBuf,
+    volume_id: String,
+    format: u32,
+    cipher: String,
+    sector_size: u32,
+    #[serde(flatten)]
+    key: output::KeyRef,
+    keyring_id: String,
+    key_versions: Vec<u32>,
+    current_key_version: u32,
+}
+
+impl VolumeSummary {
+    fn of(cfg: &VolumeConfig, backing: &std::path::Path) -> Self {
+        VolumeSummary {
+            backing: output::canonical(backing),
+            volume_id: cfg.volume_id.clone(),
+            format: cfg.format,
+            cipher: cfg.cipher.clone(),
+            sector_size: cfg.sector_size,
+            key: output::KeyRef::of(&cfg.kms),
+            keyring_id: cfg.keyring.id.clone(),
+            key_versions: cfg.keyring.keys.iter().map(|k| k.version).collect(),
+            current_key_version: cfg.keyring.current,
+        }
+    }
+}
+
+fn init(args: &KmsArgs, backing: &std::path::Path, format: u32) -> Result<VolumeConfig, Failure> {
     let Some(kms) = args.kms else {
         return Err(Failure::new(
             exit::USAGE,
             "earfs init needs --kms local|aws|gcp (or --join FILE)",
         ));
     };
-    volume::check_new(&backing)?;
+    volume::check_new(backing)?;
     let cfg = if kms == Kms::Local {
         let spec = kms::spec(args, kms)?;
         kms::create_missing_key_file(&spec)?;
         let provider = spec.open(Retry::default())?;
-        volume::create(&backing, spec, provider.as_ref(), format)?
+        volume::create(backing, spec, provider.as_ref(), format)?
     } else {
         daemon::protect_key_material();
         let (spec, provider) = kms::open_validated(args, kms)?;
-        volume::create(&backing, spec, provider.as_ref(), format)?
+        volume::create(backing, spec, provider.as_ref(), format)?
     };
-    println!(
+    output::say(format_args!(
         "created earfs volume {} in {}",
         cfg.volume_id,
         backing.display()
-    );
-    println!(
+    ));
+    output::say(format_args!(
         "key provider: {} ({})",
         cfg.kms.name(),
         cfg.kms.key_reference()
-    );
-    println!("keyring:      {}", cfg.keyring.id);
+    ));
+    output::say(format_args!("keyring:      {}", cfg.keyring.id));
     if matches!(cfg.kms, ProviderSpec::Local { .. }) {
-        println!(
-            "note: the local key provider keeps the key on this machine; use a KMS for production data"
+        output::say(
+            "note: the local key provider keeps the key on this machine; use a KMS for production data",
         );
     }
-    Ok(())
+    Ok(cfg)
 }
 
-fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
+/// What `umount --json` prints.
+#[derive(serde::Serialize)]
+struct Unmounted {
+    mountpoint: PathBuf,
+    backing: PathBuf,
+    /// Whether the daemon let go of the volume (its lock) in time.
+    released: bool,
+}
+
+fn umount(mountpoint: PathBuf, json: bool) -> Result<(), Failure> {
     // A dead mount cannot be canonicalized (ENOTCONN): then take the path as given.
     let mp = std::fs::canonicalize(&mountpoint).unwrap_or_else(|_| daemon::absolute(&mountpoint));
     let Some(m) = daemon::find_mount(&mp)
@@ -601,9 +697,8 @@ fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
         ));
     };
     daemon::unmount(&mp)?;
-    if let Some(backing) = m.source.strip_prefix("earfs:")
-        && !daemon::wait_unlocked(std::path::Path::new(backing), Duration::from_secs(30))
-    {
+    let backing = m.source.strip_prefix("earfs:").unwrap_or(&m.source);
+    if !daemon::wait_unlocked(std::path::Path::new(backing), Duration::from_secs(30)) {
         return Err(Failure::new(
             exit::FAILURE,
             format!(
@@ -612,6 +707,16 @@ fn umount(mountpoint: PathBuf) -> Result<(), Failure> {
                 backing
             ),
         ));
+    }
+    if json {
+        output::print(
+            "earfs.umount.v1",
+            &Unmounted {
+                mountpoint: mp,
+                backing: output::canonical(std::path::Path::new(backing)),
+                released: true,
+            },
+        )?;
     }
     Ok(())
 }
@@ -624,24 +729,27 @@ fn info(json: bool, files: bool, backing: PathBuf) -> Result<(), Failure> {
         None
     };
     let versions: Vec<u32> = cfg.keyring.keys.iter().map(|k| k.version).collect();
-    let aes = crate::crypto::implementation();
+    let aes = output::aes_kernel();
     if json {
-        let v = serde_json::json!({
-            "backing": backing,
-            "volume_id": cfg.volume_id,
-            "format": cfg.format,
-            "cipher": cfg.cipher,
-            "sector_size": cfg.sector_size,
-            "kms": cfg.kms.name(),
-            "key": cfg.kms.key_reference(),
-            "keyring_id": cfg.keyring.id,
-            "key_versions": versions,
-            "current_key_version": cfg.keyring.current,
-            "aes_implementation": aes,
-            "authenticated": false,
-            "files": census.as_ref().map(files::census_json),
-        });
-        println!("{v:#}");
+        /// What `info --json` prints.
+        #[derive(serde::Serialize)]
+        struct Info<'a> {
+            #[serde(flatten)]
+            volume: VolumeSummary,
+            aes_kernel: &'static str,
+            /// Always false: info reads earfs.conf without the key.
+            authenticated: bool,
+            files: Option<&'a crate::fs::census::Census>,
+        }
+        return output::print(
+            "earfs.info.v1",
+            &Info {
+                volume: VolumeSummary::of(&cfg, &backing),
+                aes_kernel: aes,
+                authenticated: false,
+                files: census.as_ref(),
+            },
+        );
     } else {
         println!("volume:        {}", cfg.volume_id);
         println!("backing:       {}", backing.display());
@@ -678,7 +786,7 @@ fn speed(json: bool, seconds: f64) -> Result<(), Failure> {
     }
     let r = crate::crypto::speed::measure(Duration::from_secs_f64(seconds));
     if json {
-        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        output::print("earfs.speed.v1", &r)?;
     } else {
         println!(
             "# Tests are approximate, one core, {}-byte sectors ({}).",

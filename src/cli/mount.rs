@@ -63,6 +63,9 @@ pub struct MountArgs {
     /// `earfs config --set kms.key_file=FILE` records the new path).
     #[arg(long, value_name = "FILE", conflicts_with = "credentials")]
     pub key_file: Option<PathBuf>,
+    /// Once the mount serves, print it as JSON (docs/json.md); not with --foreground.
+    #[arg(long, conflicts_with = "foreground")]
+    pub json: bool,
     /// Backing directory of the volume (holds earfs.conf and the encrypted files).
     pub backing: Option<PathBuf>,
     /// Empty directory to mount the plaintext view on.
@@ -240,6 +243,46 @@ pub fn run(a: MountArgs, child_args: Vec<OsString>) -> Result<(), Failure> {
         // The error goes to stderr (main) and to the log file.
         daemon::serve(&req).inspect_err(|f| log::error!("{f}"))
     } else {
-        daemon::spawn_background(child_args, a.log_file.as_deref())
+        daemon::spawn_background(child_args, a.log_file.as_deref())?;
+        if a.json {
+            print_mounted(&req.mountpoint)?;
+        }
+        Ok(())
     }
+}
+
+/// What `mount --json` prints: the new mount, as its daemon and the mount table give it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Mounted {
+    mountpoint: PathBuf,
+    backing: PathBuf,
+    #[serde(default)]
+    fstype: String,
+    volume_id: String,
+    pid: u32,
+    format: u16,
+    provider: String,
+    key: String,
+    aes_kernel: String,
+    key_versions: Vec<u32>,
+    current_key_version: Option<u32>,
+    threads: usize,
+    writeback_cache: bool,
+}
+
+fn print_mounted(mountpoint: &std::path::Path) -> Result<(), Failure> {
+    let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| daemon::absolute(mountpoint));
+    let failed = |e: String| {
+        Failure::new(
+            exit::FAILURE,
+            format!("mounted {}, but cannot report it: {e}", mp.display()),
+        )
+    };
+    let reply = daemon::control::request_status(&daemon::control::socket_path(&mp))
+        .map_err(|e| failed(e.to_string()))?;
+    let mut m: Mounted = serde_json::from_value(reply).map_err(|e| failed(e.to_string()))?;
+    m.fstype = daemon::find_mount(&mp)
+        .map(|e| e.fstype)
+        .unwrap_or_default();
+    super::output::print("earfs.mount.v1", &m)
 }

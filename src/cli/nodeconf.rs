@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::change::canonical;
+use super::output;
 use crate::daemon::{self, Failure, exit};
 use crate::kms::ProviderSpec;
 use crate::volume::VolumeConfig;
@@ -108,12 +109,12 @@ fn set(spec: &ProviderSpec, name: &str, value: &str) -> Result<ProviderSpec, Fai
     Ok(s)
 }
 
+/// What `config --json` prints.
 #[derive(Serialize)]
-struct Shown<'a> {
-    schema: u32,
-    backing: &'a Path,
-    provider: &'static str,
-    key: String,
+struct Shown {
+    backing: std::path::PathBuf,
+    #[serde(flatten)]
+    key: output::KeyRef,
     settings: std::collections::BTreeMap<&'static str, Option<String>>,
 }
 
@@ -180,20 +181,14 @@ pub(super) fn run(
 fn show(backing: &Path, spec: &ProviderSpec, json: bool) -> Result<(), Failure> {
     let all = settings(spec);
     if json {
-        let shown = Shown {
-            schema: 1,
-            backing,
-            provider: spec.name(),
-            key: match spec {
-                ProviderSpec::Local { key_file } => key_file.display().to_string(),
-                _ => spec.key_reference(),
+        return output::print(
+            "earfs.config.v1",
+            &Shown {
+                backing: backing.to_path_buf(),
+                key: output::KeyRef::of(spec),
+                settings: all.into_iter().collect(),
             },
-            settings: all.into_iter().collect(),
-        };
-        let text = serde_json::to_string_pretty(&shown)
-            .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
-        println!("{text}");
-        return Ok(());
+        );
     }
     println!("volume:   {}", backing.display());
     println!("provider: {}", spec.name());

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::fs::census::Census;
 
+use super::output;
 use crate::daemon::control::{request_status, runtime_dir, socket_path, sockets};
 use crate::daemon::{Failure, exit};
 
@@ -36,7 +37,7 @@ pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<
     let mut replies = Vec::new();
     for sock in &targets {
         match request_status(sock) {
-            Ok(v) => replies.push(v),
+            Ok(v) => replies.push(current_names(v)),
             Err(e) if mountpoint.is_some() => {
                 let mp = mountpoint
                     .map(|m| m.display().to_string())
@@ -74,13 +75,14 @@ pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<
         }
     }
     if json {
-        let v = if mountpoint.is_some() {
-            replies.into_iter().next().unwrap_or(Value::Null)
-        } else {
-            Value::Array(replies)
-        };
-        println!("{v:#}");
-        return Ok(());
+        if mountpoint.is_some() {
+            let one = replies.into_iter().next().unwrap_or(Value::Null);
+            return output::print("earfs.status.v1", &one);
+        }
+        return output::print(
+            "earfs.status-list.v1",
+            &serde_json::json!({ "daemons": replies }),
+        );
     }
     if replies.is_empty() {
         println!(
@@ -96,6 +98,22 @@ pub(super) fn run(json: bool, files: bool, mountpoint: Option<&Path>) -> Result<
         print_one(v);
     }
     Ok(())
+}
+
+/// A daemon of an earlier earfs (still running across an upgrade) names two fields as
+/// they were before docs/json.md: `kms_provider`, and `key` as prose for a local key.
+fn current_names(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut()
+        && let Some(p) = o.remove("kms_provider")
+    {
+        o.insert("provider".into(), p);
+        if let Some(Value::String(k)) = o.get_mut("key")
+            && let Some(path) = k.strip_prefix("key file ")
+        {
+            *k = path.to_string();
+        }
+    }
+    v
 }
 
 fn s(v: &Value) -> String {
@@ -128,11 +146,7 @@ fn print_one(v: &Value) {
         s(&v["backing"])
     );
     println!("  format:        {} (new files)", s(&v["format"]));
-    println!(
-        "  key:           {} {}",
-        s(&v["kms_provider"]),
-        s(&v["key"])
-    );
+    println!("  key:           {} {}", s(&v["provider"]), s(&v["key"]));
     let locked = v["keys_locked"].as_bool().unwrap_or(false);
     println!(
         "  key versions:  {} (current {}{}){}",

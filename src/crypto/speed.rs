@@ -15,7 +15,9 @@ const BUFFER_SECTORS: usize = 256;
 /// Result of [`measure`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct SpeedReport {
-    /// Kernel that ran (see [`super::xts::implementation`]).
+    /// Kernel that ran (see [`super::xts::implementation`]); `aes_kernel` in JSON, as
+    /// in every earfs output.
+    #[serde(rename = "aes_kernel")]
     pub implementation: &'static str,
     /// Bytes per sector (one XTS data unit).
     pub sector_size: usize,
@@ -23,19 +25,6 @@ pub struct SpeedReport {
     pub encrypt_bytes_per_sec: f64,
     /// Decryption throughput, bytes per second (one thread).
     pub decrypt_bytes_per_sec: f64,
-}
-
-impl SpeedReport {
-    /// One-line JSON object, e.g. for `earfs speed --json`.
-    pub fn to_json(&self) -> String {
-        format!(
-            "{{\"implementation\":\"{}\",\"sector_size\":{},\"encrypt_bytes_per_sec\":{:.0},\"decrypt_bytes_per_sec\":{:.0}}}",
-            self.implementation,
-            self.sector_size,
-            self.encrypt_bytes_per_sec,
-            self.decrypt_bytes_per_sec
-        )
-    }
 }
 
 impl std::fmt::Display for SpeedReport {

@@ -91,7 +91,7 @@ pub fn render(shared: &Shared) -> String {
         "earfs_info{{volume_id=\"{}\",mountpoint=\"{}\",kms=\"{}\"}} 1",
         st.volume_id,
         escape(&st.mountpoint.to_string_lossy()),
-        st.kms_provider
+        st.provider
     );
     build_info(&mut o);
     held(&mut o, shared.fs.held());

@@ -132,7 +132,7 @@ impl Shared {
             config_file: s.config_file,
             started,
             started_mono: Instant::now(),
-            key_info: Mutex::new((s.cfg.kms.name(), s.cfg.kms.key_reference())),
+            key_info: Mutex::new((s.cfg.kms.name(), s.cfg.kms.key_id())),
             kms: Mutex::new(Kms {
                 cfg: s.cfg,
                 provider: s.provider,
@@ -536,7 +536,7 @@ impl Shared {
             .ok_or_else(|| format!("unknown volume format {}", cfg.format))?;
         self.fs.set_write_format(format);
         self.fs.set_keys(keys);
-        *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_reference());
+        *lock(&self.key_info) = (cfg.kms.name(), cfg.kms.key_id());
         *lock(&self.revocation) = Revocation {
             state: "ok",
             ..Revocation::default()
@@ -611,7 +611,7 @@ impl Shared {
 
     /// What `earfs status` shows.
     pub fn status(&self) -> Status {
-        let (kms_provider, key) = lock(&self.key_info).clone();
+        let (provider, key) = lock(&self.key_info).clone();
         let settings = self.settings();
         let (versions, current) = match self.fs.key_versions() {
             Some((v, c)) => (v, Some(c)),
@@ -624,7 +624,8 @@ impl Shared {
             volume_id: self.volume_id.clone(),
             format: self.fs.write_format().number(),
             pid: std::process::id(),
-            kms_provider,
+            provider,
+            aes_kernel: crate::crypto::implementation(),
             key,
             key_versions: versions,
             current_key_version: current,
@@ -697,8 +698,13 @@ pub struct Status {
     /// The format new files are written in.
     pub format: u16,
     pub pid: u32,
-    pub kms_provider: &'static str,
+    /// `local`, `aws` or `gcp`.
+    pub provider: &'static str,
+    /// The local key file's path, the key ARN or the key resource.
+    /// (`key` and `provider` are named as in every JSON output: docs/json.md.)
     pub key: String,
+    /// The AES kernel the daemon encrypts with.
+    pub aes_kernel: &'static str,
     pub key_versions: Vec<u32>,
     pub current_key_version: Option<u32>,
     /// Unix time since when the current key version is current: the daemon's start, or

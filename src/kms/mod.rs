@@ -151,6 +151,16 @@ impl ProviderSpec {
         }
     }
 
+    /// The key itself, as the JSON outputs give it: the local key file's path, the key
+    /// ARN, or the key resource.
+    pub fn key_id(&self) -> String {
+        match self {
+            ProviderSpec::Local { key_file } => key_file.display().to_string(),
+            ProviderSpec::Aws { key_arn, .. } => key_arn.clone(),
+            ProviderSpec::Gcp { key_resource, .. } => key_resource.clone(),
+        }
+    }
+
     /// Human-readable key reference.
     pub fn key_reference(&self) -> String {
         match self {

@@ -29,8 +29,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::cli::KmsArgs;
 use crate::cli::kms::{node_spec, retry};
+use crate::cli::{KmsArgs, output};
 use crate::content::Keyring;
 use crate::daemon::{self, Failure};
 use crate::fs::check::{self, Verdict};
@@ -98,7 +98,7 @@ impl FsckArgs {
     }
 }
 
-/// What `earfs fsck --json` prints (docs/operations.md has the schema).
+/// What `earfs fsck --json` prints (`earfs.fsck.v1`: docs/schemas/fsck.v1.json).
 #[derive(Debug, Default, Serialize)]
 struct Report {
     backing: PathBuf,
@@ -195,7 +195,7 @@ struct Leftover {
 pub(in crate::cli) fn run(args: FsckArgs) -> Result<(), Failure> {
     let stop = Stop::on_signals();
     let mut r = Report {
-        backing: daemon::absolute(&args.backing),
+        backing: output::canonical(&args.backing),
         repair: args.repair,
         result: "error",
         ..Report::default()
@@ -239,9 +239,9 @@ pub(in crate::cli) fn run(args: FsckArgs) -> Result<(), Failure> {
 }
 
 fn print_json(r: &Report) {
-    match serde_json::to_string_pretty(r) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("earfs: cannot write the report as JSON: {e}"),
+    // The report is what the exit code sums up: print it even if a field cannot be.
+    if let Err(f) = output::print("earfs.fsck.v1", r) {
+        eprintln!("earfs: {f}");
     }
 }
 

@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-
-use serde_json::json;
+use serde::Serialize;
 
 use super::{
     Offline, Progress, Rate, Stop, copy_meta, default_jobs, failed_at, human_bytes, parallel,
 };
 use crate::cli::change::{canonical, daemon_of};
+use crate::cli::output;
 use crate::content::{
     FileFormat, HEADER_LEN, backing_size_to_plain_size, header_names, header_never_written,
 };
@@ -276,22 +276,53 @@ pub(in crate::cli) fn run(target: &Path, o: &Options) -> Result<(), Failure> {
     }
 }
 
-fn summary_json(
+/// A damaged file in `reencrypt --json`.
+#[derive(Serialize)]
+struct Damaged<'a> {
+    path: &'a Path,
+    reason: &'a str,
+}
+
+/// What `reencrypt --json` prints (`earfs.reencrypt.v1`).
+#[derive(Serialize)]
+struct Summary<'a> {
+    backing: PathBuf,
+    /// Whether the volume was mounted (the daemon rewrote the files).
+    mounted: bool,
+    dry_run: bool,
     rewritten: u64,
-    current: u64,
-    skipped_open: &[PathBuf],
-    found: &Found,
-    key: u32,
-    format: FileFormat,
-) -> serde_json::Value {
-    json!({
-        "rewritten": rewritten,
-        "already_current": current,
-        "open_skipped": skipped_open,
-        "damaged": found.damaged.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
-        "current_key_version": key,
-        "format": format.number(),
-    })
+    already_current: u64,
+    open_skipped: &'a [PathBuf],
+    damaged: Vec<Damaged<'a>>,
+    current_key_version: u32,
+    format: u16,
+    /// --dry-run: the files and bytes a run would rewrite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    would_rewrite: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    would_rewrite_bytes: Option<u64>,
+}
+
+impl<'a> Summary<'a> {
+    fn new(backing: &Path, found: &'a Found, key: u32, format: FileFormat) -> Self {
+        Summary {
+            backing: backing.to_path_buf(),
+            mounted: false,
+            dry_run: false,
+            rewritten: 0,
+            already_current: found.current,
+            open_skipped: &[],
+            damaged: found
+                .damaged
+                .iter()
+                .map(|(path, reason)| Damaged { path, reason })
+                .collect(),
+            current_key_version: key,
+            format: format.number(),
+            would_rewrite: None,
+            would_rewrite_bytes: None,
+        }
+    }
 }
 
 /// Print the damaged files and what is left: the exit is 0 only when every file is now
@@ -309,10 +340,15 @@ fn finish(
     let mounted = skipped_open.is_some();
     let skipped_open = skipped_open.unwrap_or_default();
     if o.json {
-        println!(
-            "{}",
-            summary_json(rewritten, found.current, skipped_open, found, key, format)
-        );
+        output::print(
+            "earfs.reencrypt.v1",
+            &Summary {
+                mounted,
+                rewritten,
+                open_skipped: skipped_open,
+                ..Summary::new(backing, found, key, format)
+            },
+        )?;
     } else {
         println!(
             "{rewritten} file(s) rewritten under key version {key} in format {}; {} already were",
@@ -390,13 +426,26 @@ fn finish(
     Ok(())
 }
 
-fn dry_run(found: &Found, key: u32, format: FileFormat, o: &Options) {
+fn dry_run(
+    backing: &Path,
+    mounted: bool,
+    found: &Found,
+    key: u32,
+    format: FileFormat,
+    o: &Options,
+) -> Result<(), Failure> {
     let bytes: u64 = found.jobs.iter().map(|j| j.size).sum();
     if o.json {
-        let mut v = summary_json(0, found.current, &[], found, key, format);
-        v["would_rewrite"] = json!(found.jobs.len());
-        v["would_rewrite_bytes"] = json!(bytes);
-        println!("{v}");
+        output::print(
+            "earfs.reencrypt.v1",
+            &Summary {
+                mounted,
+                dry_run: true,
+                would_rewrite: Some(found.jobs.len()),
+                would_rewrite_bytes: Some(bytes),
+                ..Summary::new(backing, found, key, format)
+            },
+        )?;
     } else {
         println!(
             "would rewrite {} file(s), {} of data, under key version {key} in format {} ({} already current; {} damaged)",
@@ -412,6 +461,7 @@ fn dry_run(found: &Found, key: u32, format: FileFormat, o: &Options) {
             human_bytes(largest)
         );
     }
+    Ok(())
 }
 
 /// Not mounted: rewrite under the volume's lock. The workers read each file's header
@@ -431,8 +481,7 @@ fn offline(backing: &Path, lock: File, o: &Options) -> Result<(), Failure> {
     let stop = Stop::on_signals();
     if o.dry_run {
         let found = sort_out(backing, &tree, format, key, o, &stop)?;
-        dry_run(&found, key, format, o);
-        return Ok(());
+        return dry_run(backing, false, &found, key, format, o);
     }
     let bytes: u64 = tree.files.iter().map(|j| j.size).sum();
     let progress = Progress::new("reencrypt", tree.files.len() as u64, bytes);
@@ -565,8 +614,7 @@ fn online(backing: &Path, format: FileFormat, key: u32, o: &Options) -> Result<(
     let stop = Stop::on_signals();
     let mut found = sort_out(backing, &tree, format, key, o, &stop)?;
     if o.dry_run {
-        dry_run(&found, key, format, o);
-        return Ok(());
+        return dry_run(backing, true, &found, key, format, o);
     }
     let bytes: u64 = found.jobs.iter().map(|j| j.size).sum();
     let progress = Progress::new("reencrypt (mounted)", found.jobs.len() as u64, bytes);
