@@ -4,7 +4,8 @@
 # step through it), util-linux (setpriv), OpenSSL (the speed comparison), Python 3
 # (mmap and lock tests), shellcheck (the scripts' static check); for the CLI and package tests (tests/cli.rs, tests/package.rs):
 # groff and man-db (the man pages render), zsh and fish (their completion scripts
-# parse), dpkg-dev and binutils (scripts/package.sh: dpkg-shlibdeps, strip), lintian, systemd-analyze.
+# parse), dpkg-dev and binutils (scripts/package.sh: dpkg-shlibdeps, strip), lintian, systemd-analyze;
+# python3-jsonschema (tests/json.rs).
 # Idempotent and quick when all is there.
 set -euo pipefail
 need=()
@@ -34,6 +35,8 @@ command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
 command -v strip >/dev/null || need+=(binutils)
 command -v lintian >/dev/null || need+=(lintian)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# tests/json.rs validates every --json output against docs/schemas/ (Draft 2020-12).
+python3 -c 'from jsonschema import Draft202012Validator' 2>/dev/null || need+=(python3-jsonschema)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

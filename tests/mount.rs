@@ -1058,12 +1058,14 @@ fn info_and_speed_report_the_volume_and_the_cipher() {
     assert!(conf.contains(v["volume_id"].as_str().unwrap()));
     assert_eq!(v["cipher"], "aes-256-xts");
     assert_eq!(v["sector_size"], 4096);
-    assert_eq!(v["kms"], common::kms::provider_under_test());
+    assert_eq!(v["provider"], common::kms::provider_under_test());
     assert_eq!(v["key_versions"], serde_json::json!([1]));
     assert_eq!(
-        v["aes_implementation"].as_str().unwrap(),
+        v["aes_kernel"].as_str().unwrap(),
         earfs::crypto::implementation()
     );
+    // The provider under test's key, as docs/schemas/info.v1.json has it.
+    common::assert_follows_schema(&out);
     let out = earfs_ok(&["speed", "--json", "--seconds", "0.1"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["sector_size"], 4096);
@@ -1328,7 +1330,7 @@ fn rotate_makes_a_new_current_version_mounted_or_not_and_old_files_keep_reading(
     assert!(out.contains("version 3 is current (was 2; not mounted"));
     let out = earfs_ok(&["keys", "--json", backing]);
     let k: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(k["current"], 3, "{k}");
+    assert_eq!(k["current_key_version"], 3, "{k}");
     let per: Vec<(u64, u64)> = k["versions"]
         .as_array()
         .unwrap()

@@ -360,3 +360,23 @@ pub fn fio_ok(child: std::process::Child) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `--json` document TEXT follows the JSON Schema its `"schema"` field names
+/// (docs/schemas/; checked by tests/fixtures/validate_json.py).
+pub fn assert_follows_schema(text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.json");
+    std::fs::write(&doc, text).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("tests/fixtures/validate_json.py"))
+        .arg(root.join("docs/schemas"))
+        .arg(&doc)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{text}\ndoes not follow its schema: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
