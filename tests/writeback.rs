@@ -372,3 +372,58 @@ fn eio_at_close_reaches_each_open_descriptor_once() {
         ])
     );
 }
+
+// ---------------------------------------------------------------------------
+// The default.
+
+/// `earfs status MNT`'s line about the writeback cache.
+fn cache_line(v: &Volume) -> String {
+    let out = run(&["status", v.mnt.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("writeback cache"))
+        .unwrap_or_else(|| panic!("no writeback cache line in: {text}"))
+        .to_string()
+}
+
+#[test]
+fn the_writeback_cache_is_on_by_default_and_each_way_to_turn_it_off_does() {
+    let v = Volume::new();
+    let conf = v.dir.path().join("off.toml");
+    std::fs::write(&conf, "writeback_cache = false\n").unwrap();
+    let conf = format!("--config={}", conf.display());
+    let opt_conf = format!("config={}", v.dir.path().join("off.toml").display());
+    for (args, on) in [
+        (vec![], true),
+        (vec!["--writeback-cache"], true),
+        (vec!["--no-writeback-cache"], false),
+        (vec!["-o", "no_writeback_cache"], false),
+        (vec![conf.as_str()], false),
+        // A flag wins over the config file, and over -o.
+        (vec![conf.as_str(), "--writeback-cache"], true),
+        (vec!["-o", "no_writeback_cache", "--writeback-cache"], true),
+        (vec!["-o", &opt_conf], false),
+        // Of the two flags, the last wins.
+        (vec!["--no-writeback-cache", "--writeback-cache"], true),
+        (vec!["--writeback-cache", "--no-writeback-cache"], false),
+    ] {
+        // Not Volume::mount: EARFS_TEST_MOUNT_ARGS must not change the default here.
+        let mut argv = vec!["mount"];
+        argv.extend_from_slice(&args);
+        argv.extend([v.backing.to_str().unwrap(), v.mnt.to_str().unwrap()]);
+        let out = run(&argv);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _m = MountGuard(v.mnt.clone());
+        let line = cache_line(&v);
+        let want = if on {
+            "writeback cache on"
+        } else {
+            "writeback cache off"
+        };
+        assert!(line.contains(want), "{args:?}: {line}");
+    }
+}
