@@ -46,8 +46,8 @@ cargo test --release -- --test-threads=4
 step "real-mount tests again on a format-v1 volume (v1 files keep their rules)"
 EARFS_TEST_FORMAT=1 cargo test --release --test mount -- --test-threads=4
 
-step "real-mount tests again with the FUSE writeback cache"
-EARFS_TEST_MOUNT_ARGS=--writeback-cache cargo test --release --test mount -- --test-threads=4
+step "real-mount tests again without the FUSE writeback cache (on by default)"
+EARFS_TEST_MOUNT_ARGS=--no-writeback-cache cargo test --release --test mount -- --test-threads=4
 
 step "real-mount tests on a volume whose key is in AWS KMS (moto), then Google Cloud KMS (fake)"
 EARFS_TEST_KMS=aws cargo test --release --test mount -- --test-threads=4
@@ -59,9 +59,9 @@ EARFS_SPEED_CMD="$repo/target/release/earfs speed --json" scripts/speed-vs-opens
 step "tier 3: fsx, pjdfstest, PostgreSQL, RocksDB, SQLite on earfs"
 EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs scripts/tier3/all.sh
 
-step "tier 3 again with the FUSE writeback cache (off by default until this passes for long)"
-EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs EARFS_MOUNT_ARGS=--writeback-cache \
-  EARFS_TIER3_RESULTS="$repo/target/tier3-writeback" scripts/tier3/all.sh --no-deps
+step "tier 3 again without the FUSE writeback cache (on by default)"
+EARFS_BIN="$repo/target/release/earfs" EARFS_FS=earfs EARFS_MOUNT_ARGS=--no-writeback-cache \
+  EARFS_TIER3_RESULTS="$repo/target/tier3-no-writeback" scripts/tier3/all.sh --no-deps
 
 if grep -E '^earfs:' /proc/mounts; then
   echo "FAIL: earfs mounts left behind" >&2

@@ -1108,7 +1108,20 @@ fn enospc_reaches_the_caller_and_the_volume_recovers() {
     let mnt = d.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     init_local(&key, &backing);
-    let _m = mount_at(&backing, &mnt);
+    // write() itself fails only without the writeback cache (on by default); under it
+    // the error surfaces at fsync and close: tests/writeback.rs.
+    let out = run(&[
+        "mount",
+        "--no-writeback-cache",
+        backing.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _m = MountGuard(mnt.clone());
     fs::write(mnt.join("filler"), vec![1u8; 1 << 20]).unwrap();
     let mut f = OpenOptions::new()
         .write(true)

@@ -32,7 +32,8 @@
 //! EARFS_POWERCUT_PG_CUTS (default 10), EARFS_POWERCUT_STATES (states per cut point,
 //! default 2), EARFS_POWERCUT_COMMITS (default 300; PostgreSQL:
 //! EARFS_POWERCUT_PG_COMMITS, default 60), EARFS_POWERCUT_SEED;
-//! EARFS_POWERCUT_WRITEBACK=1 mounts with the FUSE writeback cache;
+//! EARFS_POWERCUT_WRITEBACK=0 mounts without the FUSE writeback cache (default 1, as
+//! the daemon);
 //! EARFS_POWERCUT_KEEP=DIR keeps the first failing state there.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -254,7 +255,7 @@ fn mount(backing: &Path, mnt: &Path, dek: &Dek, format: FileFormat) -> Mounted {
     let adapter = EarFuse::new(
         fs,
         AdapterOptions {
-            writeback_cache: env_num("EARFS_POWERCUT_WRITEBACK", 0) == 1,
+            writeback_cache: env_num("EARFS_POWERCUT_WRITEBACK", 1) == 1,
         },
     );
     let session = earfs::fuse::mount(adapter, mnt, &cfg).unwrap();

@@ -15,7 +15,8 @@
 #   EARFS_POWERCUT_STATES   crash states per cut point          (default 2)
 #   EARFS_POWERCUT_COMMITS  commits per RocksDB/SQLite run      (default 300)
 #   EARFS_POWERCUT_SEED     seed of the cut points and states   (default 1)
-#   EARFS_MOUNT_ARGS        --writeback-cache: record through the writeback cache
+#   EARFS_MOUNT_ARGS        --no-writeback-cache: record without the writeback cache
+#                           (on by default, as in the daemon)
 #
 # scripts/powercut-soak.sh runs it with large counts over many seeds.
 set -euo pipefail
@@ -38,8 +39,8 @@ for t in g++ python3 ldb timeout runuser; do
 done
 [[ -f /usr/include/rocksdb/db.h ]] || fail "librocksdb-dev not installed; run scripts/deps-tier3.sh"
 
-if [[ " ${EARFS_MOUNT_ARGS:-} " == *" --writeback-cache "* ]]; then
-    export EARFS_POWERCUT_WRITEBACK=1
+if [[ " ${EARFS_MOUNT_ARGS:-} " == *" --no-writeback-cache "* ]]; then
+    export EARFS_POWERCUT_WRITEBACK=0
 fi
 
 log="$(mktemp "${TMPDIR:-/tmp}/earfs-powercut.XXXXXX.log")"
@@ -48,7 +49,7 @@ if ! cargo test --release --test powercut -- --ignored --nocapture --test-thread
     grep -E 'powercut|^(rocksdb|sqlite|postgres)|panicked|FAILED|failed' "$log" | tail -n 60
     fail "see $log"
 fi
-echo "powercut summary (writeback cache: ${EARFS_POWERCUT_WRITEBACK:-0}):"
+echo "powercut summary (writeback cache: ${EARFS_POWERCUT_WRITEBACK:-1}):"
 grep -oE '(powercut [a-z]+ V[12]: |(rocksdb|sqlite|postgres) v[12]: ).*' "$log" | sed 's/^/  /'
 rm -f "$log"
 echo "PASS: powercut $BACKEND ($((SECONDS - start)) s)"

@@ -26,13 +26,18 @@ pub struct MountArgs {
     /// FUSE request threads [default: cores, 2 to 8].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Let the kernel cache writes (FUSE writeback cache); off by default.
-    #[arg(long)]
+    /// Let the kernel cache writes (FUSE writeback cache): the default; write errors
+    /// then surface at fsync and close. Overrides `writeback_cache = false` in --config.
+    #[arg(long, overrides_with = "no_writeback_cache")]
     pub writeback_cache: bool,
+    /// Send every write to the daemon at once (no FUSE writeback cache; also
+    /// -o no_writeback_cache, `writeback_cache = false` in --config).
+    #[arg(long, overrides_with = "writeback_cache")]
+    pub no_writeback_cache: bool,
     /// Mount options, comma-separated, as mount -o and an fstab line take them: mount
     /// flags (ro, rw, noatime, relatime, nosuid, nodev, noexec, sync, dirsync, …), FUSE's
     /// allow_other and default_permissions, earfs's own settings as NAME=VALUE (config,
-    /// threads, writeback_cache, log_file, kms_deadline, recheck_interval,
+    /// threads, writeback_cache, no_writeback_cache, log_file, kms_deadline, recheck_interval,
     /// revocation_policy, metrics_address, stop_timeout, credentials; a flag given too
     /// wins), and fstab's (nofail, _netdev, noauto, defaults, x-systemd.*, …: ignored).
     /// Anything else is refused (exit 2).
@@ -142,7 +147,13 @@ pub fn request(a: &MountArgs) -> Result<MountRequest, Failure> {
         mountpoint,
         allow_other: a.allow_other || file.allow_other.unwrap_or(false),
         threads,
-        writeback_cache: a.writeback_cache || file.writeback_cache.unwrap_or(false),
+        // On by default; the last of --writeback-cache and --no-writeback-cache wins,
+        // then the config file.
+        writeback_cache: if a.no_writeback_cache {
+            false
+        } else {
+            a.writeback_cache || file.writeback_cache.unwrap_or(true)
+        },
         options,
         kms_retry: kms_deadline,
         kms_overrides,
@@ -174,7 +185,9 @@ pub fn fold_options(mut a: MountArgs) -> Result<MountArgs, Failure> {
             MountOpt::Earfs(name, v) => {
                 let v = v.unwrap_or_default();
                 match name {
-                    "writeback_cache" => a.writeback_cache = true,
+                    "writeback_cache" if !a.no_writeback_cache => a.writeback_cache = true,
+                    "no_writeback_cache" if !a.writeback_cache => a.no_writeback_cache = true,
+                    "writeback_cache" | "no_writeback_cache" => {}
                     "config" => {
                         a.config.get_or_insert_with(|| PathBuf::from(&v));
                     }

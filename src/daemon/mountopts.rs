@@ -61,7 +61,7 @@ pub const EARFS_VALUED: &[&str] = &[
 ];
 
 /// earfs's own switches.
-pub const EARFS_SWITCHES: &[&str] = &["writeback_cache"];
+pub const EARFS_SWITCHES: &[&str] = &["writeback_cache", "no_writeback_cache"];
 
 /// Classify one option; `Err` is a one-line reason naming it.
 pub fn classify(opt: &str) -> Result<MountOpt, String> {
@@ -150,6 +150,10 @@ mod tests {
             classify("writeback_cache"),
             Ok(MountOpt::Earfs("writeback_cache", None))
         );
+        assert_eq!(
+            classify("no_writeback_cache"),
+            Ok(MountOpt::Earfs("no_writeback_cache", None))
+        );
     }
 
     #[test]
@@ -168,6 +172,7 @@ mod tests {
             ("threads", "needs a value"),
             ("threads=", "needs a value"),
             ("writeback_cache=1", "takes no value"),
+            ("no_writeback_cache=1", "takes no value"),
             ("fsname=x", "earfs sets fsname"),
             ("subtype=sshfs", "earfs sets fsname"),
             ("max_read=4096", "unknown mount option"),

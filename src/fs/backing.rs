@@ -7,9 +7,10 @@
 //!
 //! A recorder is set only by tests, per thread (the fs core driven without a mount) or
 //! for the whole process (`tests/powercut.rs`: a mount served by this process while
-//! real databases commit on it); an injected write failure ([`fail_thread_write`]) is
-//! set per thread, by tests. The daemon never sets either, and then each call costs one
-//! thread-local flag check and one relaxed atomic load.
+//! real databases commit on it); an injected write failure is set per thread
+//! ([`fail_thread_write`]) or for the whole process ([`fail_process_writes`]), by tests.
+//! The daemon never sets any of them, and then each call costs one thread-local flag
+//! check and one or two relaxed atomic loads.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
@@ -17,7 +18,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rustix::fs::FallocateFlags;
@@ -142,6 +143,17 @@ pub fn fail_thread_write(nth: u32, partial: usize) {
     set_hook(FAULT, fault.is_some());
 }
 
+/// The errno every `pwrite_all` of the process fails with (0: none).
+static PROCESS_WRITE_FAULT: AtomicI32 = AtomicI32::new(0);
+
+/// Make every `pwrite_all` of every thread fail with `errno`, before it writes
+/// anything, until called with `None`: a backing store that returns EIO, for the
+/// writeback-error tests of a mount served by the test process (`tests/writeback.rs`).
+/// For tests.
+pub fn fail_process_writes(errno: Option<Errno>) {
+    PROCESS_WRITE_FAULT.store(errno.map_or(0, Errno::raw_os_error), Ordering::Relaxed);
+}
+
 /// Whether this `pwrite_all` is the one to fail; if so, how many bytes it writes first.
 fn injected_failure() -> Option<usize> {
     let fault = WRITE_FAULT.with(|f| f.get())?;
@@ -183,6 +195,10 @@ fn note_process(make: impl FnOnce(&dyn Recorder)) {
 
 /// pwrite all of `buf` or fail with the errno of the failing call.
 pub(super) fn pwrite_all(f: &File, buf: &[u8], off: u64) -> FsResult<()> {
+    let errno = PROCESS_WRITE_FAULT.load(Ordering::Relaxed);
+    if errno != 0 {
+        return Err(FsError::Os(Errno::from_raw_os_error(errno)));
+    }
     if hooked(FAULT)
         && let Some(partial) = injected_failure()
     {

@@ -10,6 +10,7 @@ use crate::content::FileFormat;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::error::{FsError, FsResult};
+use super::errseq::ErrSeq;
 use super::file::Content;
 
 /// Node id of the root directory (FUSE_ROOT_ID).
@@ -64,6 +65,8 @@ pub struct Inode {
     /// set-id bits without a stat. Every mode change of ours holds this lock from the
     /// change to the update; a stat that refreshes it is taken under it too.
     mode: Mutex<u32>,
+    /// Failed writebacks, reported at the next fsync or flush of each handle.
+    pub wb_err: ErrSeq,
 }
 
 impl Inode {
@@ -102,6 +105,7 @@ impl InodeTable {
             content: RwLock::new(Content::default()),
             format_hint: AtomicU8::new(0),
             mode: Mutex::new(mode & 0o7777),
+            wb_err: ErrSeq::default(),
         });
         let mut by_id = HashMap::new();
         by_id.insert(ROOT_ID, (root, 1));
@@ -164,6 +168,7 @@ impl InodeTable {
             content: RwLock::new(Content::default()),
             format_hint: AtomicU8::new(0),
             mode: Mutex::new(mode & 0o7777),
+            wb_err: ErrSeq::default(),
         });
         t.insert(id, (inode.clone(), 1));
         self.held.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,7 @@ pub mod check;
 pub mod copy;
 mod dir;
 mod error;
+mod errseq;
 mod file;
 mod inode;
 mod open_use;
@@ -126,6 +127,8 @@ struct Handle {
     inode: Arc<Inode>,
     file: File,
     direct: Option<File>,
+    /// Where this handle is in its inode's writeback errors.
+    wb_seen: errseq::Cursor,
 }
 
 /// The earfs filesystem over one backing directory.
@@ -707,6 +710,7 @@ impl EarFs {
         let old = self.files.write().insert(
             fh,
             Arc::new(Handle {
+                wb_seen: inode.wb_err.sample(),
                 inode,
                 file,
                 direct,
@@ -853,10 +857,36 @@ impl EarFs {
         file::write(&mut c, &io, off, data)
     }
 
-    /// fsync (or fdatasync) the backing file: exactly one backing call.
+    /// fsync (or fdatasync) the backing file: exactly one backing call. Then, as a
+    /// local filesystem's fsync, a writeback error this handle has not been told of
+    /// (see [`EarFs::writeback_failed`]); an error of the sync itself comes first, and
+    /// the handle counts as told either way (as ext4's fsync).
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.handle(fh)?;
-        Ok(backing::sync(&h.file, datasync)?)
+        let synced = backing::sync(&h.file, datasync);
+        let earlier = h.inode.wb_err.check_and_advance(&h.wb_seen);
+        synced?;
+        earlier.map_or(Ok(()), |e| Err(FsError::Os(e)))
+    }
+
+    /// A close (FLUSH) of a descriptor of the handle: a writeback error the handle has
+    /// not been told of. Nothing is buffered in the daemon, so nothing else to do.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        match h.inode.wb_err.check_and_advance(&h.wb_seen) {
+            Some(e) => Err(FsError::Os(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// A write the kernel made from its page cache (FUSE writeback: no caller waits
+    /// for it) failed with `errno`: keep it on the inode, for the next fsync or flush
+    /// of each of its handles (src/fs/errseq.rs). The failed write itself changed
+    /// nothing (`write` undoes what it did).
+    pub fn writeback_failed(&self, ino: u64, errno: Errno) {
+        if let Ok(inode) = self.inodes.get(ino) {
+            inode.wb_err.set(errno);
+        }
     }
 
     /// Close a handle.

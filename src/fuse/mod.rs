@@ -432,6 +432,22 @@ impl Filesystem for EarFuse {
         };
         match r {
             Ok(n) => reply.written(n as u32),
+            // A writeback from the kernel's page cache: no caller waits for this reply,
+            // and the kernel would report an error only to the first close, not to each
+            // descriptor. The daemon keeps it instead and reports it, errno kept, at the
+            // next fsync and close of every descriptor (EarFs::writeback_failed).
+            Err(e) if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) => {
+                let code = errno(&e);
+                stats().error(Op::Write, code.code());
+                log::warn!(
+                    ino = ino.0, errno = code.code();
+                    "writeback of {} bytes at {offset} of ino {} failed: {e}; reported at the next fsync or close of each open descriptor",
+                    data.len(), ino.0
+                );
+                self.fs
+                    .writeback_failed(ino.0, rustix::io::Errno::from_raw_os_error(code.code()));
+                reply.written(data.len() as u32)
+            }
             Err(e) => fail(reply, Op::Write, ino.0, e),
         }
     }
@@ -439,14 +455,14 @@ impl Filesystem for EarFuse {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _t = timed(Op::Flush);
-        // Nothing is buffered in the daemon: every write reached the backing file.
-        reply.ok();
+        // Nothing is buffered in the daemon; a close reports a failed writeback.
+        answer_empty(reply, Op::Flush, ino.0, self.fs.flush(fh.0))
     }
 
     fn release(

@@ -203,7 +203,7 @@ impl Volume {
 
     pub fn try_mount(&self, extra: &[&str]) -> Output {
         let mut args = vec!["mount", "--log-file", self.log.to_str().unwrap()];
-        // EARFS_TEST_MOUNT_ARGS runs the whole suite with extra flags (e.g. --writeback-cache).
+        // EARFS_TEST_MOUNT_ARGS runs the whole suite with extra flags (e.g. --no-writeback-cache).
         let env_args = std::env::var("EARFS_TEST_MOUNT_ARGS").unwrap_or_default();
         args.extend(env_args.split_whitespace());
         args.extend_from_slice(extra);
