@@ -18,7 +18,7 @@ for line in (root / "lib.rs").read_text().splitlines():
     if not m or m.group(1) == "module":
         continue
     row = m.group(2)
-    # "volume (CONFIG_NAME, CONFIG_TMP_NAME only)": volume, for those names only.
+    # "fs (CONFIG_NAME, CONFIG_TMP_NAME only)": fs, for those names only.
     for dep, names in re.findall(r"(\w+) \(([^)]*)\)", row):
         names_only.setdefault(m.group(1), {})[dep] = set(re.findall(r"[A-Z_]{2,}", names))
     row = re.sub(r"\([^)]*\)", "", row)

@@ -11,8 +11,8 @@
 //! | cli | daemon, fuse, fs, volume, kms, content, crypto, sys |
 //! | daemon | fuse, fs, volume, kms, content, crypto, sys |
 //! | fuse | fs |
-//! | fs | content, crypto, sys, volume (CONFIG_NAME, CONFIG_TMP_NAME only) |
-//! | volume | kms, crypto |
+//! | fs | content, crypto, sys |
+//! | volume | kms, crypto, fs (CONFIG_NAME, CONFIG_TMP_NAME only) |
 //! | kms | crypto |
 //! | content | crypto |
 //! | crypto | sys |

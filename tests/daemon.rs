@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,20 +38,10 @@ impl Daemon {
         notify
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        let mut cmd = Command::new(earfs());
-        cmd.arg("mount")
-            .arg("--foreground")
-            .args(args)
+        let child = foreground_command(args, &runtime, &log, extra_env)
             .env("NOTIFY_SOCKET", &sock_path)
-            .env("EARFS_RUNTIME_DIR", &runtime)
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
+            .spawn()
+            .unwrap();
         let mnt = dir.join("mnt");
         Daemon {
             child,
@@ -95,16 +84,8 @@ impl Daemon {
     }
 
     fn wait(&mut self, secs: u64) -> Option<i32> {
-        let mut code = None;
-        let exited = wait_until(secs, || match self.child.try_wait().unwrap() {
-            Some(st) => {
-                code = st.code();
-                true
-            }
-            None => false,
-        });
-        assert!(exited, "the daemon did not exit\nlog: {}", self.log_text());
-        code
+        wait_exit(&mut self.child, secs)
+            .unwrap_or_else(|| panic!("the daemon did not exit\nlog: {}", self.log_text()))
     }
 
     fn status(&self) -> Value {
@@ -161,33 +142,6 @@ fn local_volume(dir: &Path, extra: &str) -> PathBuf {
 /// test ends, pass or fail.
 fn tmp() -> TestDir {
     TestDir::new("earfs-daemon-test-")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut r = String::new();
-    c.read_to_string(&mut r).unwrap();
-    let code = r.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, r.split_once("\r\n\r\n").unwrap().1.to_string())
-}
-
-/// A sample's value in a Prometheus text page.
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// `dd` one 4 KiB block with O_DIRECT (past the page cache): whether it worked.

@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -27,23 +27,11 @@ struct Foreground {
 impl Foreground {
     fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Foreground {
         let stderr = dir.join("stderr");
-        let mut cmd = Command::new(earfs());
-        cmd.arg("mount")
-            .arg("--foreground")
-            .args(args)
+        let mut child = foreground_command(args, &dir.join("run"), &stderr, env)
             .arg(dir.join("backing"))
             .arg(dir.join("mnt"))
-            .env("EARFS_RUNTIME_DIR", dir.join("run"))
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
+            .spawn()
+            .unwrap();
         let mnt = dir.join("mnt");
         let up = wait_until(30, || {
             is_mounted(&mnt) || child.try_wait().unwrap().is_some()
@@ -67,16 +55,8 @@ impl Foreground {
     /// SIGTERM, then the exit code.
     fn stop(&mut self) -> Option<i32> {
         self.signal(rustix::process::Signal::TERM);
-        let mut code = None;
-        let done = wait_until(20, || match self.child.try_wait().unwrap() {
-            Some(st) => {
-                code = st.code();
-                true
-            }
-            None => false,
-        });
-        assert!(done, "the daemon did not exit: {}", self.stderr_text());
-        code
+        wait_exit(&mut self.child, 20)
+            .unwrap_or_else(|| panic!("the daemon did not exit: {}", self.stderr_text()))
     }
 }
 

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -22,33 +21,6 @@ const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/systemd/examples/earfs-dashboard.json"
 );
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(addr: &str) -> String {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut r = String::new();
-    c.read_to_string(&mut r).unwrap();
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    r.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-/// The value of the sample `series` (name and labels as written).
-fn value(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 /// The metric names of a page: its samples' and those its `# TYPE` lines declare (a
 /// family without series yet, e.g. the KMS calls of a local-key volume), with a
@@ -221,26 +193,26 @@ fn a_scrape_has_build_info_process_metrics_held_counts_and_every_name_the_rules_
         "{build}"
     );
     // Held: every open handle, and at least every inode this test made known.
-    assert_eq!(value(&page, "earfs_handles_open{kind=\"file\"}"), 3.0);
-    assert_eq!(value(&page, "earfs_handles_open{kind=\"dir\"}"), 1.0);
-    let inodes = value(&page, "earfs_inodes_held");
+    assert_eq!(metric(&page, "earfs_handles_open{kind=\"file\"}"), 3.0);
+    assert_eq!(metric(&page, "earfs_handles_open{kind=\"dir\"}"), 1.0);
+    let inodes = metric(&page, "earfs_inodes_held");
     assert!((22.0..1000.0).contains(&inodes), "{inodes}");
     // process_*: what /proc says of the daemon. Each inode held is an O_PATH
     // descriptor and each open file at least one more.
-    let fds = value(&page, "process_open_fds");
+    let fds = metric(&page, "process_open_fds");
     assert!(fds >= inodes + 3.0, "{fds} descriptors for {inodes} inodes");
     let now_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count() as f64;
     assert!((fds - now_fds).abs() <= 4.0, "{fds} vs {now_fds}");
-    assert_eq!(value(&page, "process_max_fds"), max_open_files(pid));
-    let rss = value(&page, "process_resident_memory_bytes");
+    assert_eq!(metric(&page, "process_max_fds"), max_open_files(pid));
+    let rss = metric(&page, "process_resident_memory_bytes");
     assert!(
-        rss > 1e6 && value(&page, "process_virtual_memory_bytes") > rss,
+        rss > 1e6 && metric(&page, "process_virtual_memory_bytes") > rss,
         "{rss}"
     );
     // (utime + stime of /proc/PID/stat; the daemon may not have used a tick yet)
-    let cpu = value(&page, "process_cpu_seconds_total");
+    let cpu = metric(&page, "process_cpu_seconds_total");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
@@ -249,7 +221,7 @@ fn a_scrape_has_build_info_process_metrics_held_counts_and_every_name_the_rules_
         cpu <= proc_cpu && proc_cpu - cpu < 0.5,
         "{cpu} vs {proc_cpu}"
     );
-    let start = value(&page, "process_start_time_seconds");
+    let start = metric(&page, "process_start_time_seconds");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -258,7 +230,7 @@ fn a_scrape_has_build_info_process_metrics_held_counts_and_every_name_the_rules_
         start <= now + 1.0 && start > now - 120.0,
         "{start} vs {now}"
     );
-    assert!((start - value(&page, "earfs_start_time_seconds")).abs() < 30.0);
+    assert!((start - metric(&page, "earfs_start_time_seconds")).abs() < 30.0);
 
     // Closed: the handles go (the kernel's release is asynchronous).
     drop(open);
@@ -266,8 +238,8 @@ fn a_scrape_has_build_info_process_metrics_held_counts_and_every_name_the_rules_
     assert!(
         wait_until(10, || {
             let p = scrape(&addr);
-            value(&p, "earfs_handles_open{kind=\"file\"}") == 0.0
-                && value(&p, "earfs_handles_open{kind=\"dir\"}") == 0.0
+            metric(&p, "earfs_handles_open{kind=\"file\"}") == 0.0
+                && metric(&p, "earfs_handles_open{kind=\"dir\"}") == 0.0
         }),
         "{}",
         scrape(&addr)

@@ -185,7 +185,7 @@ mod tests {
     use super::*;
     use crate::content::{Keyring, new_header};
     use crate::crypto::Dek;
-    use crate::volume::CONFIG_NAME;
+    use crate::fs::CONFIG_NAME;
 
     fn file(dir: &Path, name: &str, bytes: &[u8]) {
         std::fs::write(dir.join(name), bytes).unwrap();

@@ -11,15 +11,13 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Timespec, Timestamps};
-
 use crate::content::{
     FileFormat, HEADER_LEN, HeaderError, Keyring, backing_size_to_plain_size, decode_header,
     header_names, header_never_written,
 };
 
 use super::backing;
-use super::rewrite::{self, Record, work_entries};
+use super::rewrite::{self, Record, set_times, work_entries};
 
 /// What a damaged file is: a stable short name (`problem`, for scripts) and a line
 /// for a person (`reason`).
@@ -202,20 +200,6 @@ pub fn reserved_past_end(m: &Metadata) -> u64 {
 
 fn times_of(m: &Metadata) -> ((i64, i64), (i64, i64)) {
     ((m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec()))
-}
-
-fn set_times(f: &File, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
-    let ts = Timestamps {
-        last_access: Timespec {
-            tv_sec: atime.0,
-            tv_nsec: atime.1,
-        },
-        last_modification: Timespec {
-            tv_sec: mtime.0,
-            tv_nsec: mtime.1,
-        },
-    };
-    Ok(rustix::fs::futimens(f, &ts)?)
 }
 
 fn trim_record_path(work: &Path, ino: u64) -> PathBuf {

@@ -12,6 +12,7 @@ mod errseq;
 mod file;
 mod inode;
 mod open_use;
+mod reserved;
 pub mod rewrite;
 pub mod stats;
 
@@ -33,24 +34,17 @@ use crate::content::{
     FileFormat, HEADER_LEN, Keyring, backing_size_to_plain_size, header_format,
     size_is_format_independent,
 };
-use crate::volume::{CONFIG_NAME, CONFIG_TMP_NAME};
 
 pub use dir::DirEntry;
 pub use error::{FsError, FsResult};
 pub use file::Content;
 pub use inode::{FileKind, Inode, ROOT_ID};
 pub use open_use::OpenKeyUse;
+pub(crate) use reserved::is_reserved_root_name;
+pub use reserved::{CONFIG_NAME, CONFIG_TMP_NAME};
 
 use dir::DirHandle;
 use inode::InodeTable;
-
-/// Whether `name` in the backing root is the volume's own (its config, the data
-/// commands' work directory), not a file of the mount.
-pub(crate) fn is_reserved_root_name(name: &OsStr) -> bool {
-    name.as_bytes() == CONFIG_NAME.as_bytes()
-        || name.as_bytes() == CONFIG_TMP_NAME.as_bytes()
-        || name.as_bytes() == rewrite::WORK_DIR.as_bytes()
-}
 
 /// Attributes of a file as the mount shows them (plaintext size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

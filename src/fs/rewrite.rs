@@ -43,8 +43,7 @@ use super::error::{FsError, FsResult};
 use super::file::clear_range;
 use super::{EarFs, FileKind, Inode, ROOT_ID, is_reserved_root_name, proc_path};
 
-/// The data commands' work directory at the backing root (hidden from the mount).
-pub const WORK_DIR: &str = ".earfs-work";
+pub use super::reserved::WORK_DIR;
 
 /// In the work directory: every directory's times before an offline `reencrypt`
 /// renamed files into them, by path under the root (the root's as "").

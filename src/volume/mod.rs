@@ -15,10 +15,9 @@ use crate::crypto::{
 };
 use crate::kms::{KeyProvider, KmsError, ProviderSpec};
 
-/// Name of the volume config at the backing root; hidden from the mount.
-pub const CONFIG_NAME: &str = "earfs.conf";
-/// Name of the config while it is being rewritten; hidden from the mount too.
-pub const CONFIG_TMP_NAME: &str = ".earfs.conf.tmp";
+/// The names of the volume config and of its temporary at the backing root: `fs` states
+/// the names reserved there (src/fs/reserved.rs).
+pub use crate::fs::{CONFIG_NAME, CONFIG_TMP_NAME};
 /// Cipher name stored in the config.
 pub const CIPHER: &str = "aes-256-xts";
 /// The file formats this build reads and writes; `format` in `earfs.conf` names the one

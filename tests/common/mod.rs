@@ -380,3 +380,78 @@ pub fn assert_follows_schema(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A free TCP port on 127.0.0.1 (for a metrics endpoint).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` from the HTTP server at `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    let code = r.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, r.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+/// The metrics page a daemon serves at `addr` (`GET /metrics`, which must answer 200).
+pub fn scrape(addr: &str) -> String {
+    let (code, page) = http_get(addr, "/metrics");
+    assert_eq!(code, 200, "GET /metrics from {addr}:\n{page}");
+    page
+}
+
+/// The value of the sample `series` (name and labels as written) in a Prometheus text
+/// page.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `earfs mount --foreground ARGS` as a test starts it: its own runtime directory
+/// (control socket), stdin and stdout closed, stderr into the file `stderr`, outside any
+/// systemd (no NOTIFY_SOCKET, JOURNAL_STREAM or WATCHDOG_USEC), then `env` set.
+pub fn foreground_command(
+    args: &[&str],
+    runtime: &Path,
+    stderr: &Path,
+    env: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(earfs());
+    cmd.arg("mount")
+        .arg("--foreground")
+        .args(args)
+        .env("EARFS_RUNTIME_DIR", runtime)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Wait up to `secs` for `child` to exit: `Some(code)` (the code `None` if a signal
+/// ended it), or `None` if it still runs.
+pub fn wait_exit(child: &mut std::process::Child, secs: u64) -> Option<Option<i32>> {
+    let mut code = None;
+    wait_until(secs, || {
+        code = child.try_wait().unwrap().map(|st| st.code());
+        code.is_some()
+    });
+    code
+}
