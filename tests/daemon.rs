@@ -262,7 +262,9 @@ fn status_and_metrics_after_a_known_workload() {
     );
     let dm = Daemon::start(d.path(), &["--config", s(&cfg)], &[]);
     dm.until("READY=1");
-    // Four 64 KiB writes, one O_DIRECT read of 256 KiB, one missing file.
+    // Four 64 KiB O_DIRECT writes, one O_DIRECT read of 256 KiB, one missing file.
+    // O_DIRECT, so that each write reaches the daemon as it was made: through the
+    // writeback cache (on by default) the kernel would gather them into fewer WRITEs.
     // The writes come from dd, not from this process: a fork by a test running in
     // parallel makes this process's pages copy-on-write, and the kernel's FUSE write
     // path then stops copying at the first such page and sends the rest as another,
@@ -276,6 +278,7 @@ fn status_and_metrics_after_a_known_workload() {
             &format!("of={}", s(&f)),
             "bs=65536",
             "count=4",
+            "oflag=direct",
         ])
         .output()
         .unwrap();
