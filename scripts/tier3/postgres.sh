@@ -115,7 +115,7 @@ if [[ "$BACKEND" == earfs ]]; then
     ntx_reenc="$(awk -F': ' '/number of transactions actually processed/{split($2, a, "/"); print a[1]; exit}' "$work/pgbench-reencrypt.log")"
     # Files written since under the new key are fine; none may be left on version 1.
     keys_out="$("$EARFS_BIN" keys --json "$FS_BACKING")"
-    old_files="$(python3 -c 'import json,sys; k=json.load(sys.stdin); print(sum(n for v, n in k["files"]["key_versions"].items() if v != str(k["current"])))' <<<"$keys_out" 2>/dev/null || echo "?")"
+    old_files="$(python3 -c 'import json,sys; k=json.load(sys.stdin); print(sum(n for v, n in k["files"]["key_versions"].items() if v != str(k["current_key_version"])))' <<<"$keys_out" 2>/dev/null || echo "?")"
     [[ "$old_files" == 0 ]] || { echo "$keys_out"; fail "$old_files file(s) still on an old key version after reencrypt"; }
     reenc_line="$(grep -m1 'rewritten under' "$work/reencrypt-1.log"), then with --include-open: $(grep -m1 'rewritten under' "$work/reencrypt-2.log") (${t_reenc}s in all; pgbench ran $ntx_reenc transactions meanwhile)"
     log "online reencrypt: $reenc_line"
