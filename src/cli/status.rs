@@ -227,3 +227,26 @@ fn print_one(v: &Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::current_names;
+
+    #[test]
+    fn an_older_daemons_names_are_renamed_and_current_ones_left_alone() {
+        let old = serde_json::json!({"kms_provider": "local", "key": "key file /etc/earfs/k"});
+        assert_eq!(
+            current_names(old),
+            serde_json::json!({"provider": "local", "key": "/etc/earfs/k"})
+        );
+        // A current daemon: nothing to rename, and a key is never touched without
+        // `kms_provider` (an ARN cannot start with "key file ", but a path could).
+        let new = serde_json::json!({"provider": "local", "key": "key file x"});
+        assert_eq!(current_names(new.clone()), new);
+        let aws = serde_json::json!({"kms_provider": "aws", "key": "arn:aws:kms:r:1:key/k"});
+        assert_eq!(
+            current_names(aws),
+            serde_json::json!({"provider": "aws", "key": "arn:aws:kms:r:1:key/k"})
+        );
+    }
+}
