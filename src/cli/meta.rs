@@ -67,17 +67,10 @@ pub fn parse() -> Cli {
             // `--json` asked for JSON: the error is JSON too (its command is the first
             // argument that names one).
             if args.iter().any(|a| a == "--json") {
-                let mut cmd = Cli::command();
-                cmd.build();
-                let name = args
-                    .iter()
-                    .skip(1)
-                    .filter_map(|a| a.to_str())
-                    .find(|a| cmd.find_subcommand(a).is_some())
-                    .unwrap_or("earfs");
+                let name = subcommand_of(&args).map(|s| s.get_name().to_string());
                 let line = text.lines().next().unwrap_or("");
                 super::output::print_error(
-                    name,
+                    name.as_deref().unwrap_or("earfs"),
                     &Failure::new(exit::USAGE, line.strip_prefix("earfs: ").unwrap_or(line)),
                 );
             }
@@ -125,17 +118,20 @@ pub fn try_parse(args: &[std::ffi::OsString]) -> Result<Cli, Usage> {
 /// The usage line of the subcommand ARGS name (the first argument that is one), or of
 /// earfs itself.
 fn usage_of(args: &[std::ffi::OsString]) -> String {
+    match subcommand_of(args) {
+        Some(mut s) => s.render_usage().to_string(),
+        None => Cli::command().render_usage().to_string(),
+    }
+}
+
+/// The subcommand ARGS name: the first argument that is one.
+fn subcommand_of(args: &[std::ffi::OsString]) -> Option<clap::Command> {
     let mut cmd = Cli::command();
     cmd.build();
-    let sub = args
-        .iter()
+    args.iter()
         .skip(1)
         .filter_map(|a| a.to_str())
-        .find_map(|a| cmd.find_subcommand(a).cloned());
-    match sub {
-        Some(mut s) => s.render_usage().to_string(),
-        None => cmd.render_usage().to_string(),
-    }
+        .find_map(|a| cmd.find_subcommand(a).cloned())
 }
 
 /// Reshape clap's rendered error (`error: …`, indented context and tips, a blank line,
