@@ -5,7 +5,7 @@
 # (mmap and lock tests), shellcheck (the scripts' static check); for the CLI and package tests (tests/cli.rs, tests/package.rs):
 # groff and man-db (the man pages render), zsh and fish (their completion scripts
 # parse), dpkg-dev and binutils (scripts/package.sh: dpkg-shlibdeps, strip), lintian, systemd-analyze;
-# python3-jsonschema (tests/json.rs).
+# python3-jsonschema (tests/json.rs); python3-matplotlib (the benchmark report's test).
 # Idempotent and quick when all is there.
 set -euo pipefail
 need=()
@@ -37,6 +37,8 @@ command -v lintian >/dev/null || need+=(lintian)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/json.rs validates every --json output against docs/schemas/ (Draft 2020-12).
 python3 -c 'from jsonschema import Draft202012Validator' 2>/dev/null || need+=(python3-jsonschema)
+# scripts/lib/test_bench_report.py: the benchmark's chart, with Debian's python3.
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3 python3-matplotlib)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -40,6 +40,9 @@ step "the KMS fakes' own tests"
 python3 tests/fakes/test_aws_kms_fake.py
 python3 tests/fakes/test_gcp_kms_fake.py
 
+step "the benchmark report's own test (scripts/bench.sh's medians, ratios, table and chart)"
+/usr/bin/python3 scripts/lib/test_bench_report.py
+
 step "unit, fs, KMS and real-mount tests"
 cargo test --release -- --test-threads=4
 
