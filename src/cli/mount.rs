@@ -23,7 +23,7 @@ pub struct MountArgs {
     /// Let other users (e.g. the database user) use the mount; the kernel checks permissions (also -o allow_other).
     #[arg(long)]
     pub allow_other: bool,
-    /// FUSE request threads [default: cores, 2 to 8].
+    /// FUSE request threads [default: 4 per core, 16 to 64].
     #[arg(long)]
     pub threads: Option<usize>,
     /// Let the kernel cache writes (FUSE writeback cache): the default; write errors
