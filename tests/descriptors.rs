@@ -115,6 +115,10 @@ fn at_the_hard_limit_new_inodes_fail_with_enfile_warned_once_and_lookups_recover
         ok.len()
     );
     assert!(open_fds(pid) < 300);
+    // A create fails too, and leaves no file behind.
+    let e = std::fs::write(m.path("d/new"), b"y").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENFILE), "create: {e}");
+    assert!(!m.backing("d/new").exists());
     // The control socket still answers, and counts the errors by errno.
     let st = status(&vol.mnt);
     let enfile = st["errors_by_errno"]["ENFILE"].as_u64().unwrap_or(0);
