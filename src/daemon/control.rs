@@ -59,7 +59,12 @@ pub fn serve(shared: Arc<Shared>) -> std::io::Result<PathBuf> {
         .name("earfs-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                // Out of descriptors, the pending connection stays queued: wait
+                // rather than spin on it.
+                let Ok(conn) = conn else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
                 answer(&shared, conn);
             }
         })?;

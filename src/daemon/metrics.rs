@@ -24,7 +24,12 @@ pub fn serve(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<Sock
         .name("earfs-metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                // Out of descriptors, the pending connection stays queued: wait
+                // rather than spin on it.
+                let Ok(conn) = conn else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
                 answer(&shared, conn);
             }
         })?;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use crate::content::FileFormat;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
+use rustix::io::Errno;
 
 use super::error::{FsError, FsResult};
 use super::errseq::ErrSeq;
@@ -92,6 +93,23 @@ pub struct InodeTable {
     root_key: (u64, u64),
     /// How many inodes the map holds, for the metrics without taking its lock.
     held: AtomicUsize,
+    /// How many inodes may be held ([`inode_cap`]); read again when reached, so that a
+    /// limit raised while the daemon runs counts.
+    cap: AtomicUsize,
+}
+
+/// How many inodes the daemon may hold: its descriptor limit (RLIMIT_NOFILE, soft) less
+/// a reserve, so that when the kernel knows that many, the descriptors the daemon
+/// needs besides keep working: opening files the kernel already knows, the control
+/// socket (`earfs status`), metrics scrapes, KMS connections, the log.
+pub fn inode_cap() -> usize {
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        None => usize::MAX,
+        Some(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            n.saturating_sub((n / 16).clamp(32, 4096))
+        }
+    }
 }
 
 impl InodeTable {
@@ -113,6 +131,7 @@ impl InodeTable {
             by_id: Mutex::new(by_id),
             root_key,
             held: AtomicUsize::new(1),
+            cap: AtomicUsize::new(inode_cap()),
         }
     }
 
@@ -143,7 +162,9 @@ impl InodeTable {
     /// Register a lookup of the backing object `key` (opened as `fd`, with mode `mode`
     /// as stat gave it): reuse the known inode or insert a new one, and count one kernel
     /// reference. Returns whether the inode is new (a known one may have changed mode
-    /// since `mode` was taken; the caller refreshes it).
+    /// since `mode` was taken; the caller refreshes it). A new inode past [`inode_cap`]
+    /// fails with EMFILE (the caller sees ENFILE): `fd` is closed, and lookups succeed
+    /// again once the kernel forgets inodes.
     pub fn remember(
         &self,
         key: (u64, u64),
@@ -159,6 +180,13 @@ impl InodeTable {
             }
             *count += 1;
             return Ok((inode.clone(), false));
+        }
+        if t.len() >= self.cap.load(Ordering::Relaxed) {
+            let cap = inode_cap();
+            self.cap.store(cap, Ordering::Relaxed);
+            if t.len() >= cap {
+                return Err(FsError::Os(Errno::MFILE));
+            }
         }
         let inode = Arc::new(Inode {
             id,

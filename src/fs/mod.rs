@@ -569,16 +569,26 @@ impl EarFs {
     }
 
     fn finish_create(&self, p: &Inode, name: &OsStr, who: Caller, mode: u32) -> FsResult<Attr> {
-        if let Err(e) = self.own(p, name, who, mode) {
-            let flags = if FileKind::from_mode(mode) == FileKind::Dir {
-                AtFlags::REMOVEDIR
-            } else {
-                AtFlags::empty()
-            };
-            let _ = rustix::fs::unlinkat(&p.fd, name, flags);
-            return Err(e);
+        // A failure undoes the creation: the caller was told it failed. (The kernel holds
+        // the parent locked, so nobody else has looked the new name up.) The lookup fails
+        // when the daemon is out of descriptors.
+        match self
+            .own(p, name, who, mode)
+            .and_then(|()| self.lookup_inode(p, name))
+        {
+            Ok((_, attr)) => Ok(attr),
+            Err(e) => {
+                let flags = if FileKind::from_mode(mode) == FileKind::Dir {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                if rustix::fs::unlinkat(&p.fd, name, flags).is_ok() {
+                    backing::unlinked(&p.fd, name);
+                }
+                Err(e)
+            }
         }
-        Ok(self.lookup_inode(p, name)?.1)
     }
 
     /// Create a directory.

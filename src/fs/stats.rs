@@ -285,6 +285,7 @@ pub fn errno_name(e: i32) -> String {
         libc::EISDIR => "EISDIR",
         libc::EINVAL => "EINVAL",
         libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
         libc::EFBIG => "EFBIG",
         libc::ENOSPC => "ENOSPC",
         libc::EROFS => "EROFS",

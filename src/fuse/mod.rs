@@ -51,6 +51,9 @@ impl EarFuse {
 /// The errno for each error: one exhaustive match.
 pub fn errno(e: &FsError) -> Errno {
     let code = match e {
+        // The daemon's own descriptor limit, not the caller's: ENFILE (a limit outside
+        // the calling process), so that nobody looks for the caller's own open files.
+        FsError::Os(e) if e.raw_os_error() == libc::EMFILE => libc::ENFILE,
         FsError::Os(e) => e.raw_os_error(),
         FsError::Corrupt { .. } | FsError::KeysLocked => libc::EIO,
         FsError::Reserved => libc::EPERM,
@@ -93,6 +96,9 @@ impl_fail!(
 fn fail(reply: impl Fail, op: Op, ino: u64, e: FsError) {
     let code = errno(&e);
     stats().error(op, code.code());
+    if code.code() == libc::ENFILE {
+        out_of_descriptors();
+    }
     let op = op.name();
     match &e {
         // KeysLocked: the lock itself is logged once, loudly, by the daemon.
@@ -109,6 +115,39 @@ fn fail(reply: impl Fail, op: Op, ino: u64, e: FsError) {
         }
     }
     reply.fail(code);
+}
+
+/// Seconds between two warnings that the daemon is out of descriptors.
+const DESCRIPTOR_WARNING_EVERY: u64 = 60;
+
+/// Warn that the daemon is out of descriptors: at the first failure, then at most once
+/// a minute with the count of failures since (the errno counter of the metrics counts
+/// every one).
+fn out_of_descriptors() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let since = SINCE.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs().max(1));
+    let last = LAST.load(Ordering::Relaxed);
+    if last != 0 && now < last + DESCRIPTOR_WARNING_EVERY
+        || LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    SINCE.fetch_sub(since, Ordering::Relaxed);
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or("unlimited".to_string(), |n| n.to_string());
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    log::warn!(
+        "out of file descriptors: {open} open, RLIMIT_NOFILE {} (hard {}); every inode the kernel holds keeps one, every open file one or two. Lookups, creates and opens fail with ENFILE ({since} since the last warning) until the kernel forgets inodes. Raise the limit: LimitNOFILE= in the unit (systemctl edit earfs@NAME; earfs@.service sets 1048576), or `ulimit -n` before `earfs mount`",
+        show(lim.current),
+        show(lim.maximum)
+    );
 }
 
 fn answer_empty(reply: ReplyEmpty, op: Op, ino: u64, r: Result<(), FsError>) {
