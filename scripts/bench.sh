@@ -14,7 +14,8 @@
 #               each job
 #   rocksdb     db_bench fillrandom, overwrite, readrandom, overwrite with sync
 #   pgbench     initdb, pgbench -i (timed), pgbench TPS with 4 clients
-#   metadata    create, stat, readdir and unlink of 100,000 files (20,000 with --quick)
+#   metadata    create, stat, readdir and unlink of 100,000 files (10,000 with --quick;
+#               fewer where the hard descriptor limit is lower, see below)
 #
 # Rounds interleave the backends (raw earfs earfs-nowb gocryptfs, raw earfs …) group by
 # group, so that each ratio compares runs seconds apart: this machine is shared and its
@@ -72,12 +73,25 @@ done
 # Sizes: quick mode finishes in about five minutes; the full mode measures longer.
 if ((quick)); then
     rounds="${rounds:-1}"
-    fsize=256M secs=3 rocks_num=100000 rocks_sync=2000 pg_scale=2 pg_secs=5 meta_files=20000
+    fsize=256M secs=3 rocks_num=100000 rocks_sync=2000 pg_scale=2 pg_secs=5 meta_files=10000
 else
     rounds="${rounds:-3}"
     fsize=1G secs=8 rocks_num=300000 rocks_sync=5000 pg_scale=10 pg_secs=15 meta_files=100000
 fi
 ((rounds >= 1)) || { echo "bench.sh: --rounds takes a positive number" >&2; exit 2; }
+# earfs holds one descriptor for each file the kernel knows, up to its hard RLIMIT_NOFILE
+# less a reserve of a sixteenth (docs/operations.md, "Descriptors"). Where the hard limit
+# (inherited from this shell) is lower than the metadata job needs, the job shrinks to
+# fit, and the report says how many files it used.
+nofile="$(ulimit -Hn)"
+if [[ "$nofile" =~ ^[0-9]+$ ]]; then
+    reserve=$((nofile / 16)); ((reserve < 32)) && reserve=32; ((reserve > 4096)) && reserve=4096
+    fit=$((nofile - reserve - 500))
+    if ((meta_files > fit)); then
+        echo "bench.sh: the metadata job uses $fit files, not $meta_files: the hard descriptor limit is $nofile (raise it with ulimit -Hn as a user with CAP_SYS_RESOURCE)" >&2
+        meta_files="$fit"
+    fi
+fi
 
 # --- what it needs ------------------------------------------------------------------
 [[ $EUID == 0 ]] || { echo "bench.sh: run as root (it mounts, drops caches and runs PostgreSQL as postgres)" >&2; exit 1; }
