@@ -165,8 +165,20 @@ pub fn holders(mp: &Path) -> Vec<String> {
     out
 }
 
-/// Take the volume's exclusive lock (flock on the backing directory).
+/// How long a mount waits for the lock of a volume that no earfs mount serves.
+const DYING_HOLDER_GRACE: Duration = Duration::from_secs(5);
+
+/// Take the volume's exclusive lock (flock on the backing directory). While no earfs
+/// mount of the volume is in the mount table, the holder is a daemon on its way out (a
+/// killed daemon's mount errors as soon as its FUSE descriptors close, before the
+/// kernel releases its lock) or a data command: wait a few seconds for it first.
 pub(super) fn lock_volume(backing: &Path) -> Result<File, Failure> {
+    if let Some(f) = try_lock_volume(backing)? {
+        return Ok(f);
+    }
+    if !mounted_from(backing) {
+        wait_unlocked(backing, DYING_HOLDER_GRACE);
+    }
     try_lock_volume(backing)?.ok_or_else(|| {
         Failure::new(
             exit::VOLUME_IN_USE,
@@ -221,6 +233,18 @@ pub fn unmount(mp: &Path) -> Result<(), Failure> {
             format!("cannot unmount {}: {e}", mp.display()),
         )),
     }
+}
+
+/// Whether an earfs mount of `backing` is in the mount table.
+fn mounted_from(backing: &Path) -> bool {
+    let source = format!("earfs:{}", backing.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            super::mountinfo::parse(&t)
+                .iter()
+                .any(|m| m.source == source)
+        })
+        .unwrap_or(false)
 }
 
 /// Wait until no daemon holds the volume's lock (after an unmount).

@@ -26,10 +26,10 @@ pub use mount::{FSTYPE, MountConfig, kernel_flags, mount};
 /// How long the kernel may cache attributes and names. The mount is exclusive (all
 /// changes go through it, and the kernel drops what its own operations change), so the
 /// cache stays right however long it lasts; the backing directory is not to be changed
-/// behind the mount. One second (libfuse's default) made every `stat` of a file not
-/// touched in the last second a LOOKUP round trip: 100,000 stats ran at 0.08x of the
-/// backing disk. A minute keeps a database's working set cached and bounds how long a
-/// change made behind the mount by mistake stays unseen.
+/// behind the mount. One second (libfuse's default) made every `stat` or `open` of a
+/// file not touched in the last second a LOOKUP round trip. A minute keeps a
+/// database's working set cached and bounds how long a change made behind the mount by
+/// mistake stays unseen.
 const TTL: Duration = Duration::from_secs(60);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
