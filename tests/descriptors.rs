@@ -8,30 +8,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
 /// `earfs mount` of `vol` started under `prlimit --nofile=SOFT:HARD` (the daemon
 /// inherits the limits); unmounted when the returned guard drops.
 fn mount_limited(vol: &Volume, soft: u64, hard: u64) -> Mount<'_> {
-    let out = Command::new("prlimit")
-        .arg(format!("--nofile={soft}:{hard}"))
-        .arg("--")
-        .arg(earfs())
-        .args(["mount", "--log-file", vol.log.to_str().unwrap()])
-        .arg(&vol.backing)
-        .arg(&vol.mnt)
-        .output()
-        .expect("prlimit (util-linux)");
-    assert!(
-        out.status.success(),
-        "mount failed: {}\nlog: {}",
-        String::from_utf8_lossy(&out.stderr),
-        vol.log_text()
-    );
-    assert!(is_mounted(&vol.mnt));
-    Mount { vol }
+    let nofile = format!("--nofile={soft}:{hard}");
+    vol.mount_via(&["prlimit", &nofile, "--"], &[])
 }
 
 fn status(mnt: &Path) -> serde_json::Value {

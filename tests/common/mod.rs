@@ -183,7 +183,13 @@ impl Volume {
     }
 
     pub fn mount(&self, extra: &[&str]) -> Mount<'_> {
-        let out = self.try_mount(extra);
+        self.mount_via(&[], extra)
+    }
+
+    /// Mount with `earfs` run under `wrapper` (a command and its arguments, such as
+    /// `prlimit --nofile=256:4096 --`; empty: earfs itself).
+    pub fn mount_via(&self, wrapper: &[&str], extra: &[&str]) -> Mount<'_> {
+        let out = self.try_mount_via(wrapper, extra);
         assert!(
             out.status.success(),
             "mount failed: {}\nlog: {}",
@@ -202,6 +208,10 @@ impl Volume {
     }
 
     pub fn try_mount(&self, extra: &[&str]) -> Output {
+        self.try_mount_via(&[], extra)
+    }
+
+    fn try_mount_via(&self, wrapper: &[&str], extra: &[&str]) -> Output {
         let mut args = vec!["mount", "--log-file", self.log.to_str().unwrap()];
         // EARFS_TEST_MOUNT_ARGS runs the whole suite with extra flags (e.g. --no-writeback-cache).
         let env_args = std::env::var("EARFS_TEST_MOUNT_ARGS").unwrap_or_default();
@@ -209,7 +219,15 @@ impl Volume {
         args.extend_from_slice(extra);
         args.push(self.backing.to_str().unwrap());
         args.push(self.mnt.to_str().unwrap());
-        let out = run(&args);
+        let out = match wrapper.split_first() {
+            None => run(&args),
+            Some((cmd, rest)) => Command::new(cmd)
+                .args(rest)
+                .arg(earfs())
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| panic!("{cmd}: {e}")),
+        };
         if out.status.success() {
             // Make sure a successful mount is undone even if the caller drops the output.
             assert!(is_mounted(&self.mnt));
