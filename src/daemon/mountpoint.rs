@@ -264,3 +264,50 @@ pub fn wait_unlocked(backing: &Path, deadline: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hold `dir`'s volume lock (a separate open file description, as another process
+    /// would) for `hold`, in a thread.
+    fn hold_lock(dir: &Path, hold: Duration) -> std::thread::JoinHandle<()> {
+        let held = try_lock_volume(dir).unwrap().expect("the lock is free");
+        std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            drop(held);
+        })
+    }
+
+    #[test]
+    fn the_lock_of_a_holder_without_a_mount_is_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = hold_lock(d.path(), Duration::from_millis(400));
+        let t = Instant::now();
+        // No earfs mount of this directory exists: the holder is on its way out.
+        let lock = lock_volume(d.path()).expect("the lock, once the holder let go");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        holder.join().unwrap();
+        assert!(
+            try_lock_volume(d.path()).unwrap().is_none(),
+            "held by `lock`"
+        );
+        drop(lock);
+    }
+
+    #[test]
+    fn a_holder_that_stays_makes_the_lock_fail_after_the_grace() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = hold_lock(d.path(), DYING_HOLDER_GRACE + Duration::from_secs(2));
+        let t = Instant::now();
+        let e = lock_volume(d.path()).expect_err("still held");
+        assert_eq!(e.code, exit::VOLUME_IN_USE);
+        assert!(e.message.contains("already mounted"), "{}", e.message);
+        assert!(t.elapsed() >= DYING_HOLDER_GRACE, "{:?}", t.elapsed());
+        holder.join().unwrap();
+    }
+}
