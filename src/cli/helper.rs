@@ -193,9 +193,7 @@ fn already_mounted(source: &OsStr, mountpoint: &OsStr) -> bool {
     ) else {
         return false;
     };
-    crate::daemon::find_mount(&m).is_some_and(|e| {
-        e.fstype == crate::fuse::FSTYPE && e.source == format!("earfs:{}", b.display())
-    })
+    crate::daemon::find_mount(&m).is_some_and(|e| e.serves(&b))
 }
 
 #[cfg(test)]

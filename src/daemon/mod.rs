@@ -35,7 +35,7 @@ pub use background::{READY_FD_ENV, spawn_background};
 pub use failure::Failure;
 use hardening::prepare_process;
 pub use hardening::protect_key_material;
-pub use mountinfo::{MountEntry, find_mount};
+pub use mountinfo::{MountEntry, find_mount, mounted_from, source_of};
 use mountpoint::lock_volume;
 pub use mountpoint::{check_mountpoint, holders, try_lock_volume, unmount, wait_unlocked};
 use signals::{spawn_recheck, spawn_watchdog, take_signals, watch_signals};
@@ -175,7 +175,7 @@ fn serve_inner(req: &MountRequest, ready: &mut Ready) -> Result<(), Failure> {
             Failure::new(exit::NOT_A_VOLUME, format!("{}: {e}", backing.display()))
         })?);
     let mcfg = MountConfig {
-        fsname: format!("earfs:{}", backing.display()),
+        fsname: source_of(&backing),
         allow_other: req.allow_other,
         threads: req.threads,
         options: req.options.clone(),

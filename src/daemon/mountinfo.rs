@@ -10,6 +10,18 @@ pub struct MountEntry {
     pub source: String,
 }
 
+/// The source earfs gives a mount of `backing` (its `fsname`): `earfs:BACKING`.
+pub fn source_of(backing: &Path) -> String {
+    format!("earfs:{}", backing.display())
+}
+
+impl MountEntry {
+    /// Whether this is an earfs mount of `backing` (a canonical path).
+    pub fn serves(&self, backing: &Path) -> bool {
+        self.fstype == crate::fuse::FSTYPE && self.source == source_of(backing)
+    }
+}
+
 fn unescape(s: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let b = s.as_bytes();
@@ -49,6 +61,13 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
+/// Whether an earfs mount of `backing` is in the mount table.
+pub fn mounted_from(backing: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse(&t).iter().any(|m| m.serves(backing)))
+        .unwrap_or(false)
+}
+
 /// The topmost mount at exactly `path`, if any.
 pub fn find_mount(path: &Path) -> Option<MountEntry> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -72,5 +91,19 @@ mod tests {
         assert_eq!(m[0].fstype, "fuse.earfs");
         assert_eq!(m[0].source, "earfs:/data/a b");
         assert_eq!(m[1].fstype, "ext4");
+    }
+
+    #[test]
+    fn an_earfs_mount_serves_its_backing_directory_only() {
+        let t = "36 35 98:0 / /mnt rw - fuse.earfs earfs:/data/a\\040b rw\n\
+                 37 35 98:0 / /m2 rw - fuse.other earfs:/data/c rw\n";
+        let m = parse(t);
+        assert!(m[0].serves(Path::new("/data/a b")));
+        assert!(!m[0].serves(Path::new("/data/a")));
+        assert!(
+            !m[1].serves(Path::new("/data/c")),
+            "not an earfs file system"
+        );
+        assert_eq!(source_of(Path::new("/data/a b")), m[0].source);
     }
 }

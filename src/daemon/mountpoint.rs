@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 
-use super::{Failure, absolute, exit, find_mount};
+use super::{Failure, absolute, exit, find_mount, mounted_from};
 
 /// Check the mountpoint: a directory, empty, not already a mount.
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, Failure> {
@@ -173,21 +173,22 @@ const DYING_HOLDER_GRACE: Duration = Duration::from_secs(5);
 /// killed daemon's mount errors as soon as its FUSE descriptors close, before the
 /// kernel releases its lock) or a data command: wait a few seconds for it first.
 pub(super) fn lock_volume(backing: &Path) -> Result<File, Failure> {
-    if let Some(f) = try_lock_volume(backing)? {
-        return Ok(f);
+    let start = Instant::now();
+    loop {
+        if let Some(f) = try_lock_volume(backing)? {
+            return Ok(f);
+        }
+        if start.elapsed() > DYING_HOLDER_GRACE || mounted_from(backing) {
+            return Err(Failure::new(
+                exit::VOLUME_IN_USE,
+                format!(
+                    "volume {} is already mounted by another earfs daemon; a volume can be mounted only once",
+                    backing.display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    if !mounted_from(backing) {
-        wait_unlocked(backing, DYING_HOLDER_GRACE);
-    }
-    try_lock_volume(backing)?.ok_or_else(|| {
-        Failure::new(
-            exit::VOLUME_IN_USE,
-            format!(
-                "volume {} is already mounted by another earfs daemon; a volume can be mounted only once",
-                backing.display()
-            ),
-        )
-    })
 }
 
 /// Take the volume's exclusive lock if no daemon holds it (`None`: one does). Held
@@ -233,18 +234,6 @@ pub fn unmount(mp: &Path) -> Result<(), Failure> {
             format!("cannot unmount {}: {e}", mp.display()),
         )),
     }
-}
-
-/// Whether an earfs mount of `backing` is in the mount table.
-fn mounted_from(backing: &Path) -> bool {
-    let source = format!("earfs:{}", backing.display());
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| {
-            super::mountinfo::parse(&t)
-                .iter()
-                .any(|m| m.source == source)
-        })
-        .unwrap_or(false)
 }
 
 /// Wait until no daemon holds the volume's lock (after an unmount).
